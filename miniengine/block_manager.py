@@ -1,0 +1,148 @@
+"""The block manager: the KV cache cut into fixed-size blocks, lent to sequences, shared by prefix.
+
+The KV cache holds `num_blocks` blocks of `block_size` token slots. A sequence's block table lists the
+blocks holding its tokens in order, so token i lives in slot `block_table[i // B] * B + i % B`:
+
+    seq A  "The cat sat on the mat ."      block_table [7, 2]    ref counts: 7 -> 2, 2 -> 1, 4 -> 1
+    seq B  "The cat sat on a red rug"      block_table [7, 4]    (B = 4: block 7 holds "The cat sat on")
+
+Prefix caching: every full block gets a hash of (hash of the block before it, its token ids), a chain
+that names the whole prefix up to that block. A new sequence walks its own full blocks through the chain;
+each hit (tokens compared too, so a hash collision can never mix texts) is shared by taking a reference
+instead of being computed again. A block whose last reference goes returns to the free list but keeps its
+contents and hash: it is only evicted, least recently freed first, when a fresh block is needed.
+
+Plain Python: no torch. The model runner turns block tables into slot numbers.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from miniengine.sequence import Sequence
+
+
+@dataclass(slots=True)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None  # set once the block is full and computed (prefix caching on)
+    token_ids: tuple[int, ...] = ()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need at least one block of at least one slot, got {num_blocks} x {block_size}")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Unreferenced blocks in the order they were freed: allocation takes the oldest (LRU eviction).
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.cached: dict[int, int] = {}  # prefix hash -> block id
+        self.hits = 0
+        self.queries = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def lookup_prefix(self, seq: Sequence) -> list[int]:
+        """Blocks of the prefix cache that hold `seq`'s leading full blocks; takes no reference."""
+        if not self.enable_prefix_caching:
+            return []
+        size = self.block_size
+        # At least one token must be computed to give logits: a fully cached prompt recomputes its last block.
+        num_full = (seq.num_tokens - 1) // size
+        found: list[int] = []
+        prev: int | None = None
+        for i in range(num_full):
+            tokens = tuple(seq.token_ids[i * size : (i + 1) * size])
+            prev = hash((prev, tokens))
+            block_id = self.cached.get(prev)
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                break
+            found.append(block_id)
+        self.queries += num_full
+        self.hits += len(found)
+        return found
+
+    def allocate(self, seq: Sequence, num_new_tokens: int, cached: list[int] = ()) -> bool:  # type: ignore[assignment]
+        """Give `seq` the blocks to hold `num_new_tokens` more tokens, first sharing `cached` prefix blocks.
+
+        All or nothing: returns False, changing nothing, when the free list is too short.
+        """
+        assert not cached or not seq.block_table, "prefix blocks are only shared by a fresh sequence"
+        num_tokens = seq.num_computed_tokens + len(cached) * self.block_size + num_new_tokens
+        num_fresh = self.blocks_needed(num_tokens) - len(seq.block_table) - len(cached)
+        revived = sum(1 for b in cached if self.blocks[b].ref_count == 0)  # cached but on the free list
+        if num_fresh + revived > len(self.free):
+            return False
+        if not seq.block_table:
+            seq.num_cached_tokens = len(cached) * self.block_size
+        for block_id in cached:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free[block_id]
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+        seq.num_computed_tokens += len(cached) * self.block_size
+        for _ in range(max(num_fresh, 0)):
+            seq.block_table.append(self._take_free_block())
+        return True
+
+    def _take_free_block(self) -> int:
+        block_id, _ = self.free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None:  # evict: its contents are about to be overwritten
+            if self.cached.get(block.hash) == block_id:
+                del self.cached[block.hash]
+            block.hash, block.token_ids = None, ()
+        block.ref_count = 1
+        return block_id
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Publish `seq`'s blocks that are now full and computed so later sequences can share them."""
+        if not self.enable_prefix_caching:
+            return
+        size = self.block_size
+        prev: int | None = None
+        for i in range(seq.num_computed_tokens // size):
+            block = self.blocks[seq.block_table[i]]
+            if block.hash is None:
+                tokens = tuple(seq.token_ids[i * size : (i + 1) * size])
+                block.hash, block.token_ids = hash((prev, tokens)), tokens
+                # Two sequences may have computed the same block in one step: the first one stays shared.
+                self.cached.setdefault(block.hash, block.block_id)
+            prev = block.hash
+
+    def free_sequence(self, seq: Sequence) -> None:
+        """Drop `seq`'s references; blocks reaching zero go to the free list, tail blocks first to go."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            assert block.ref_count > 0, f"block {block_id} freed more often than it was taken"
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block_id] = None
+        seq.block_table.clear()
+        seq.num_computed_tokens = 0
+
+    def check_invariants(self, live: list[Sequence]) -> None:
+        """Raise AssertionError if the books do not balance against the sequences holding blocks."""
+        refs = [0] * self.num_blocks
+        for seq in live:
+            for block_id in seq.block_table:
+                refs[block_id] += 1
+        for block in self.blocks:
+            assert block.ref_count == refs[block.block_id] >= 0, f"block {block.block_id} ref count is off"
+            assert (block.ref_count == 0) == (block.block_id in self.free), f"block {block.block_id} free/used"
+        for h, block_id in self.cached.items():
+            assert self.blocks[block_id].hash == h, "cache points at a block that no longer holds that prefix"

@@ -1,0 +1,51 @@
+"""Engine settings: what a user may set, checked once, with the defaults a vLLM user would expect."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str | None = None  # HF-style directory or .gguf file; None: the bundled SmolLM2-135M-Instruct
+    device: str = "auto"
+    dtype: str = "auto"
+    load_format: str = "auto"  # "auto" reads the checkpoint's weights, "dummy" makes random ones
+    max_model_len: int | None = None  # prompt + output tokens of one sequence; None: the model's own limit
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048  # the scheduler's token budget per step (chunked prefill)
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+    num_kv_blocks: int | None = None  # fix the KV cache size instead of measuring memory
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len={self.max_model_len} must be at least 2")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks={self.num_kv_blocks} must be at least 1")
+
+    def resolve_max_model_len(self, hf_config: SimpleNamespace, kv_capacity: int) -> int:
+        """The user's max_model_len, or the model's limit capped to what the KV cache can hold."""
+        model_limit = getattr(hf_config, "max_position_embeddings", None) or kv_capacity
+        if self.max_model_len is None:
+            return min(model_limit, kv_capacity)
+        if self.max_model_len > model_limit:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} is larger than the model's limit "
+                f"(max_position_embeddings = {model_limit}); lower it"
+            )
+        if self.max_model_len > kv_capacity:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} is larger than the KV cache can hold ({kv_capacity:,} tokens); "
+                "lower it, or give the cache more memory (gpu_memory_utilization, MINIENGINE_CPU_KV_CACHE_GIB, "
+                "num_kv_blocks)"
+            )
+        return self.max_model_len

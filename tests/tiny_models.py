@@ -1,0 +1,66 @@
+"""Tiny random checkpoints of real architectures, saved by transformers, for parity tests.
+
+transformers' default init (std 0.02) makes tiny models repeat one token forever, which proves little;
+a larger std makes greedy outputs vary from token to token.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CONFIGS = {
+    "llama": dict(
+        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, max_position_embeddings=512, rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    ),
+    "qwen2": dict(
+        model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, max_position_embeddings=512, rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    ),
+    "qwen3": dict(
+        model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, vocab_size=512, max_position_embeddings=512, rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+def make_tiny_model(directory: Path, name: str, std: float = 0.5, seed: int = 0) -> Path:
+    """Save a random `name` model (see CONFIGS) as safetensors in `directory`; returns the directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(CONFIGS[name])
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if "norm" in param_name:
+                param.uniform_(0.5, 1.5)
+            elif param_name.endswith("bias"):
+                param.normal_(0, 0.1)
+            else:
+                param.normal_(0, std)
+    model.save_pretrained(directory)
+    return directory
+
+
+def hf_greedy(directory: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """transformers' own greedy continuation of each prompt, one at a time (no padding effects)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).eval()
+    outs = []
+    for ids in prompts:
+        with torch.no_grad():
+            # An explicit mask: with pad_token_id set, transformers would mask prompt tokens equal to it.
+            gen = model.generate(
+                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
+            )
+        outs.append(gen[0, len(ids) :].tolist())
+    return outs
