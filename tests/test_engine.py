@@ -1,0 +1,96 @@
+"""The engine's API on a tiny random Llama (token-id prompts): limits, errors, dummy weights, the registry."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from tiny_models import make_tiny_model
+
+from miniengine import Engine, ModelRegistry, PromptTooLongError, SamplingParams
+from miniengine.registry import UnsupportedArchitectureError
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    return Engine(str(model_dir), max_model_len=64, num_kv_blocks=32, block_size=4)
+
+
+def test_max_model_len_ends_with_length(engine):
+    out = engine.generate([list(range(1, 61))], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))[0]
+    assert out.outputs[0].finish_reason == "length"
+    assert len(out.prompt_token_ids) + len(out.outputs[0].token_ids) == 64
+
+
+def test_prompt_limits_are_typed_errors(engine):
+    with pytest.raises(PromptTooLongError, match="max_model_len is 64"):
+        engine.add_request(list(range(64)))
+    with pytest.raises(ValueError, match="no tokenizer"):
+        engine.add_request("text needs a tokenizer")
+    with pytest.raises(TypeError, match="a prompt is"):
+        engine.add_request(3.5)  # type: ignore[arg-type]
+    assert not engine.has_unfinished()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_max_model_len_larger_than_cache_is_rejected(model_dir):
+    with pytest.raises(ValueError, match=r"larger than the KV cache can hold \(64 tokens\)"):
+        Engine(str(model_dir), max_model_len=100, num_kv_blocks=16, block_size=4)
+    with pytest.raises(ValueError, match="block_size=0"):
+        Engine(str(model_dir), block_size=0)
+
+
+def test_n_siblings_share_the_prompt(engine):
+    prompt = list(range(1, 30))
+    hits = engine.block_manager.hits
+    out = engine.generate([prompt], SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=8), use_tqdm=False)[0]
+    assert len(out.outputs) == 3 and len({tuple(c.token_ids) for c in out.outputs}) > 1
+    assert engine.block_manager.hits - hits >= 2 * ((len(prompt) - 1) // 4)
+    again = engine.generate([prompt], SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=8), use_tqdm=False)[0]
+    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]  # seeded: reproducible
+
+
+def test_dummy_weights_run(model_dir):
+    engine = Engine(str(model_dir), load_format="dummy", num_kv_blocks=16)
+    out = engine.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 5
+
+
+def test_unknown_architecture_says_how_to_register(model_dir, tmp_path):
+    config = (model_dir / "config.json").read_text().replace("LlamaForCausalLM", "MyOwnForCausalLM")
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(UnsupportedArchitectureError, match="general plugin"):
+        Engine(str(tmp_path))
+    ModelRegistry.register_model("MyOwnForCausalLM", "miniengine.models.llama:LlamaForCausalLM")
+    for weights in model_dir.glob("*.safetensors"):
+        (tmp_path / weights.name).write_bytes(weights.read_bytes())
+    Engine(str(tmp_path), num_kv_blocks=8)
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a .gguf file nor a directory"):
+        Engine(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.slow
+def test_cli_chat_with_the_default_model(smollm2_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "miniengine", "generate", "--chat", "--max-tokens", "24", "What is the capital of France?"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+def test_cli_reports_bad_options(model_dir):
+    result = subprocess.run(
+        [sys.executable, "-m", "miniengine", "generate", "--model", str(model_dir), "--top-p", "2", "hi"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2 and "SamplingParams.top_p" in result.stderr
