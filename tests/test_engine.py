@@ -80,10 +80,8 @@ def test_missing_model_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_cli_chat_with_the_default_model(smollm2_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "miniengine", "generate", "--chat", "--max-tokens", "24", "What is the capital of France?"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    command = ["generate", "--chat", "--max-tokens", "24", "What is the capital of France?"]
+    result = subprocess.run([sys.executable, "-m", "miniengine", *command], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
 

@@ -12,18 +12,40 @@ import torch
 
 CONFIGS = {
     "llama": dict(
-        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=512, max_position_embeddings=512, rms_norm_eps=1e-6,
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
         tie_word_embeddings=False,
     ),
     "qwen2": dict(
-        model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=512, max_position_embeddings=512, rms_norm_eps=1e-6,
+        model_type="qwen2",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
         tie_word_embeddings=True,
     ),
     "qwen3": dict(
-        model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, vocab_size=512, max_position_embeddings=512, rms_norm_eps=1e-6,
+        model_type="qwen3",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=512,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
         tie_word_embeddings=False,
     ),
 }
@@ -59,8 +81,12 @@ def hf_greedy(directory: Path, prompts: list[list[int]], max_tokens: int) -> lis
         with torch.no_grad():
             # An explicit mask: with pad_token_id set, transformers would mask prompt tokens equal to it.
             gen = model.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
             )
         outs.append(gen[0, len(ids) :].tolist())
     return outs
