@@ -6,17 +6,24 @@ blocks holding its tokens in order, so token i lives in slot `block_table[i // B
     seq A  "The cat sat on the mat ."      block_table [7, 2]    ref counts: 7 -> 2, 2 -> 1, 4 -> 1
     seq B  "The cat sat on a red rug"      block_table [7, 4]    (B = 4: block 7 holds "The cat sat on")
 
-Prefix caching: every full block gets a hash of (hash of the block before it, its token ids), a chain
-that names the whole prefix up to that block. A new sequence walks its own full blocks through the chain;
-each hit (tokens compared too, so a hash collision can never mix texts) is shared by taking a reference
-instead of being computed again. A block whose last reference goes returns to the free list but keeps its
-contents and hash: it is only evicted, least recently freed first, when a fresh block is needed.
+Prefix caching: every full, computed block is published under the key (id of the prefix before it, its
+token ids) and gets a prefix id of its own, a chain that names the whole prefix up to that block:
+
+    block "The cat sat on"  key (None, tokens) -> prefix id 0
+    block "the mat ."       key (0, tokens)    -> prefix id 1      ("the mat ." after another prefix: not 1)
+
+A new sequence walks its own full blocks down the chain; each hit is shared by taking a reference instead
+of being computed again. The keys are hashed by the dict but compared in full, and prefix ids are never
+reused, so a hash collision can never hand one text another's K/V. A block whose last reference goes
+returns to the free list but keeps its contents and key: it is only evicted, least recently freed first,
+when a fresh block is needed.
 
 Plain Python: no torch. The model runner turns block tables into slot numbers.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -27,8 +34,9 @@ from miniengine.sequence import Sequence
 class Block:
     block_id: int
     ref_count: int = 0
-    hash: int | None = None  # set once the block is full and computed (prefix caching on)
-    token_ids: tuple[int, ...] = ()
+    # Set once the block is full, computed and published (prefix caching on):
+    key: tuple[int | None, tuple[int, ...]] | None = None  # (prefix id before it, its token ids)
+    prefix_id: int | None = None  # names the prefix ending with this block
 
 
 class BlockManager:
@@ -40,9 +48,10 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Unreferenced blocks in the order they were freed: allocation takes the oldest (LRU eviction).
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self.cached: dict[int, int] = {}  # prefix hash -> block id
-        self.hits = 0
-        self.queries = 0
+        self.cached: dict[tuple, int] = {}  # block key -> the block holding that prefix
+        self._prefix_ids = itertools.count()
+        self.hits = 0  # blocks shared from the prefix cache instead of computed
+        self.queries = 0  # full prompt blocks looked up
 
     @property
     def num_blocks(self) -> int:
@@ -63,16 +72,13 @@ class BlockManager:
         # At least one token must be computed to give logits: a fully cached prompt recomputes its last block.
         num_full = (seq.num_tokens - 1) // size
         found: list[int] = []
-        prev: int | None = None
+        prefix_id: int | None = None
         for i in range(num_full):
-            tokens = tuple(seq.token_ids[i * size : (i + 1) * size])
-            prev = hash((prev, tokens))
-            block_id = self.cached.get(prev)
-            if block_id is None or self.blocks[block_id].token_ids != tokens:
+            block_id = self.cached.get((prefix_id, tuple(seq.token_ids[i * size : (i + 1) * size])))
+            if block_id is None:
                 break
             found.append(block_id)
-        self.queries += num_full
-        self.hits += len(found)
+            prefix_id = self.blocks[block_id].prefix_id
         return found
 
     def allocate(self, seq: Sequence, num_new_tokens: int, cached: list[int] = ()) -> bool:  # type: ignore[assignment]
@@ -88,6 +94,8 @@ class BlockManager:
             return False
         if not seq.block_table:
             seq.num_cached_tokens = len(cached) * self.block_size
+            self.queries += (seq.num_tokens - 1) // self.block_size if self.enable_prefix_caching else 0
+            self.hits += len(cached)
         for block_id in cached:
             block = self.blocks[block_id]
             if block.ref_count == 0:
@@ -102,10 +110,10 @@ class BlockManager:
     def _take_free_block(self) -> int:
         block_id, _ = self.free.popitem(last=False)
         block = self.blocks[block_id]
-        if block.hash is not None:  # evict: its contents are about to be overwritten
-            if self.cached.get(block.hash) == block_id:
-                del self.cached[block.hash]
-            block.hash, block.token_ids = None, ()
+        if block.key is not None:  # evict: its contents are about to be overwritten
+            if self.cached.get(block.key) == block_id:
+                del self.cached[block.key]
+            block.key = block.prefix_id = None
         block.ref_count = 1
         return block_id
 
@@ -114,15 +122,16 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         size = self.block_size
-        prev: int | None = None
+        prefix_id: int | None = None
         for i in range(seq.num_computed_tokens // size):
             block = self.blocks[seq.block_table[i]]
-            if block.hash is None:
-                tokens = tuple(seq.token_ids[i * size : (i + 1) * size])
-                block.hash, block.token_ids = hash((prev, tokens)), tokens
-                # Two sequences may have computed the same block in one step: the first one stays shared.
-                self.cached.setdefault(block.hash, block.block_id)
-            prev = block.hash
+            if block.key is None:
+                block.key = (prefix_id, tuple(seq.token_ids[i * size : (i + 1) * size]))
+                # Two sequences may have computed the same block in one step: the first stays the one shared,
+                # and its twin takes the same prefix id, since it holds the same prefix.
+                twin = self.cached.setdefault(block.key, block.block_id)
+                block.prefix_id = self.blocks[twin].prefix_id if twin != block.block_id else next(self._prefix_ids)
+            prefix_id = block.prefix_id
 
     def free_sequence(self, seq: Sequence) -> None:
         """Drop `seq`'s references; blocks reaching zero go to the free list, tail blocks first to go."""
@@ -144,5 +153,5 @@ class BlockManager:
         for block in self.blocks:
             assert block.ref_count == refs[block.block_id] >= 0, f"block {block.block_id} ref count is off"
             assert (block.ref_count == 0) == (block.block_id in self.free), f"block {block.block_id} free/used"
-        for h, block_id in self.cached.items():
-            assert self.blocks[block_id].hash == h, "cache points at a block that no longer holds that prefix"
+        for key, block_id in self.cached.items():
+            assert self.blocks[block_id].key == key, "cache points at a block that no longer holds that prefix"

@@ -44,6 +44,8 @@ def test_max_model_len_larger_than_cache_is_rejected(model_dir):
         Engine(str(model_dir), max_model_len=100, num_kv_blocks=16, block_size=4)
     with pytest.raises(ValueError, match="block_size=0"):
         Engine(str(model_dir), block_size=0)
+    with pytest.raises(ValueError, match="below max_num_seqs"):
+        Engine(str(model_dir), max_num_batched_tokens=8, max_num_seqs=16)
 
 
 def test_n_siblings_share_the_prompt(engine):

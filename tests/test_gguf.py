@@ -158,9 +158,7 @@ def test_qwen2_is_not_permuted_and_keeps_biases(tmp_path):
     weights = dict(ckpt.weights())
     assert torch.equal(weights["model.layers.0.self_attn.q_proj.weight"], torch.from_numpy(q))
     assert torch.equal(weights["model.layers.0.self_attn.q_proj.bias"], torch.from_numpy(q_bias))
-    assert torch.equal(
-        weights["model.layers.0.mlp.down_proj.weight"], torch.from_numpy(down.astype(np.float32))
-    )
+    assert torch.equal(weights["model.layers.0.mlp.down_proj.weight"], torch.from_numpy(down.astype(np.float32)))
 
     tok = ckpt.tokenizer
     im_start, im_end, think = (tok.token_to_id(t) for t in SPECIAL_TOKENS)

@@ -45,7 +45,7 @@ def test_outputs_vary(tiny):
 
 def test_continuous_batching_chunked_prefill_and_prefix_hits(tiny):
     directory, prompts, follow_ups, expected = tiny
-    engine = Engine(str(directory), max_num_batched_tokens=48, block_size=16, num_kv_blocks=128)
+    engine = Engine(str(directory), max_num_batched_tokens=48, max_num_seqs=16, block_size=16, num_kv_blocks=128)
     assert token_ids(engine.generate(prompts, GREEDY, use_tqdm=False)) == expected[: len(prompts)]
     second = engine.generate(follow_ups, GREEDY, use_tqdm=False)
     assert token_ids(second) == expected[len(prompts) :]
@@ -55,7 +55,7 @@ def test_continuous_batching_chunked_prefill_and_prefix_hits(tiny):
 
 def test_preemption_keeps_greedy_outputs(tiny):
     directory, prompts, _, expected = tiny
-    engine = Engine(str(directory), max_num_batched_tokens=64, block_size=8, num_kv_blocks=24)
+    engine = Engine(str(directory), max_num_batched_tokens=64, max_num_seqs=16, block_size=8, num_kv_blocks=24)
     assert token_ids(engine.generate(prompts, GREEDY, use_tqdm=False)) == expected[: len(prompts)]
     assert engine.scheduler.num_preemptions > 0
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
@@ -64,5 +64,11 @@ def test_preemption_keeps_greedy_outputs(tiny):
 @pytest.mark.parametrize("block_size", [1, 4, 32])
 def test_any_block_size(tiny, block_size):
     directory, prompts, _, expected = tiny
-    engine = Engine(str(directory), max_num_batched_tokens=40, block_size=block_size, num_kv_blocks=4096 // block_size)
+    engine = Engine(
+        str(directory),
+        max_num_batched_tokens=40,
+        max_num_seqs=16,
+        block_size=block_size,
+        num_kv_blocks=4096 // block_size,
+    )
     assert token_ids(engine.generate(prompts[:5], GREEDY, use_tqdm=False)) == expected[:5]
