@@ -23,6 +23,7 @@ class PagedMetadata(Protocol):
     block_tables: torch.Tensor
     query_start_loc_host: list[int]
     seq_lens_host: list[int]
+    backend_state: dict
 
 
 def store_kv(
@@ -66,32 +67,59 @@ def paged_attention_ref(
 def paged_attention_sdpa(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: PagedMetadata, scale: float
 ) -> torch.Tensor:
-    """The same function through torch's scaled_dot_product_attention: the CPU backend.
+    """The same function through torch's scaled_dot_product_attention, a few padded groups at a time.
 
-    Decode tokens (one query each) go in one padded batch; each prefill chunk is one call of its own.
+    Sequences are grouped (decodes together, prefill chunks together while the padded score matrix stays
+    small); each group's queries and cached K/V are padded to its longest and attended in one call. The
+    grouping and index tensors are the same in every layer, so the first layer builds them and stashes
+    them in `metadata.backend_state` for the rest.
     """
+    plan = metadata.backend_state.get("sdpa")
+    if plan is None:
+        plan = metadata.backend_state["sdpa"] = _plan_groups(metadata, k_cache.shape[1], query.device)
     out = torch.empty_like(query)
-    starts = metadata.query_start_loc_host
-    seq_lens = metadata.seq_lens_host
-    decodes = [i for i in range(len(seq_lens)) if starts[i + 1] - starts[i] == 1]
-    prefills = [i for i in range(len(seq_lens)) if starts[i + 1] - starts[i] > 1]
-    if decodes:
-        rows = torch.tensor([starts[i] for i in decodes], device=query.device)
-        lens = torch.tensor([seq_lens[i] for i in decodes], device=query.device)
-        max_len = int(lens.max())
-        tables = metadata.block_tables[decodes, : -(-max_len // k_cache.shape[1])]
-        k = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [B, Hkv, S, D]
-        v = v_cache[tables].flatten(1, 2).transpose(1, 2)
-        mask = torch.arange(k.shape[2], device=query.device)[None, :] < lens[:, None]
-        q = query[rows].unsqueeze(2)  # [B, H, 1, D]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
-        out[rows] = o.squeeze(2)
-    for i in prefills:
-        q = query[starts[i] : starts[i + 1]].transpose(0, 1)  # [H, q_len, D]
-        k = gather_kv(k_cache, metadata.block_tables[i], seq_lens[i]).transpose(0, 1)
-        v = gather_kv(v_cache, metadata.block_tables[i], seq_lens[i]).transpose(0, 1)
-        q_pos = torch.arange(seq_lens[i] - q.shape[1], seq_lens[i], device=query.device)
-        mask = torch.arange(seq_lens[i], device=query.device)[None, :] <= q_pos[:, None]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[starts[i] : starts[i + 1]] = o.transpose(0, 1)
+    block_size = k_cache.shape[1]
+    for tokens, valid, tables, mask in plan:
+        batch, width = tables.shape
+        q = query[tokens].transpose(1, 2)  # [B, H, max_q, D]
+        k = k_cache.index_select(0, tables.flatten()).view(batch, width * block_size, *k_cache.shape[2:])
+        v = v_cache.index_select(0, tables.flatten()).view(batch, width * block_size, *v_cache.shape[2:])
+        o = F.scaled_dot_product_attention(
+            q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=True
+        )
+        out[tokens[valid]] = o.transpose(1, 2)[valid]
     return out
+
+
+MAX_PADDED_SCORES = 1 << 22  # per head: queries x keys of one padded group
+
+
+def _plan_groups(metadata: PagedMetadata, block_size: int, device: torch.device) -> list[tuple]:
+    """For each group: token indices [B, max_q] (padding repeats a real token), which are real, block
+    tables [B, blocks], and the mask [B, 1, max_q, keys] (causal, offset by the cached context)."""
+    starts, seq_lens = metadata.query_start_loc_host, metadata.seq_lens_host
+    order = sorted(range(len(seq_lens)), key=lambda i: (starts[i + 1] - starts[i], seq_lens[i]))
+    groups: list[list[int]] = []
+    for i in order:
+        q_len = starts[i + 1] - starts[i]
+        if groups:
+            g = groups[-1]
+            rows, max_q = len(g) + 1, max(q_len, starts[g[-1] + 1] - starts[g[-1]])
+            if (q_len == 1) == (max_q == 1) and rows * max_q * max(seq_lens[i], *(seq_lens[j] for j in g)) <= (
+                MAX_PADDED_SCORES
+            ):
+                g.append(i)
+                continue
+        groups.append([i])
+    plan = []
+    for g in groups:
+        q_lens = [starts[i + 1] - starts[i] for i in g]
+        lens = [seq_lens[i] for i in g]
+        max_q, blocks = max(q_lens), -(-max(lens) // block_size)
+        tokens = torch.tensor([[starts[i] + min(t, n - 1) for t in range(max_q)] for i, n in zip(g, q_lens)])
+        valid = torch.arange(max_q)[None, :] < torch.tensor(q_lens)[:, None]
+        q_pos = torch.tensor([n - q for n, q in zip(lens, q_lens)])[:, None] + torch.arange(max_q)[None, :]
+        mask = torch.arange(blocks * block_size)[None, None, :] <= q_pos[:, :, None]
+        tables = metadata.block_tables[g, :blocks]
+        plan.append((tokens.to(device), valid.to(device), tables, mask[:, None].to(device)))
+    return plan

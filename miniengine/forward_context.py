@@ -31,6 +31,9 @@ class AttentionMetadata:
     # Host copies, so CPU backends can loop without device syncs.
     query_start_loc_host: list[int] = field(default_factory=list)
     seq_lens_host: list[int] = field(default_factory=list)
+    # Scratch space for the attention backend: what it derives from this metadata once per step
+    # (in the first layer) and reuses in the others.
+    backend_state: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

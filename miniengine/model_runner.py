@@ -72,7 +72,7 @@ class ModelRunner:
         tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in batch.seqs]
 
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, pin_memory=False).to(self.device, non_blocking=True)
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
         metadata = AttentionMetadata(
             slot_mapping=tensor(slots, torch.int64),

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from miniengine.kernels import paged_attention
 from miniengine.kernels.paged_attention import paged_attention_ref, paged_attention_sdpa, store_kv
 
 
@@ -55,13 +56,16 @@ def make_batch(seed, block_size, num_heads=8, num_kv_heads=2, head_dim=16):
         block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
         query_start_loc_host=starts,
         seq_lens_host=lens,
+        backend_state={},
     )
     return meta, torch.cat(queries), torch.cat(new_k), torch.cat(new_v), torch.tensor(slots), k_cache, v_cache, dense
 
 
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 @pytest.mark.parametrize("attend", [paged_attention_ref, paged_attention_sdpa])
-def test_paged_attention_equals_dense(block_size, attend):
+@pytest.mark.parametrize("group_limit", [64, paged_attention.MAX_PADDED_SCORES])  # many padded groups, or few
+def test_paged_attention_equals_dense(block_size, attend, group_limit, monkeypatch):
+    monkeypatch.setattr(paged_attention, "MAX_PADDED_SCORES", group_limit)
     meta, q, k, v, slots, k_cache, v_cache, dense = make_batch(block_size, block_size)
     store_kv(k, v, k_cache, v_cache, slots)
     out = attend(q, k_cache, v_cache, meta, 0.25)
