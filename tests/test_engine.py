@@ -58,6 +58,20 @@ def test_n_siblings_share_the_prompt(engine):
     assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]  # seeded: reproducible
 
 
+def test_sharded_safetensors_load_the_same_model(engine, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(engine.model_path).save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists() and len(list(tmp_path.glob("*.safetensors"))) > 1
+    sharded = Engine(str(tmp_path), max_model_len=64, num_kv_blocks=32, block_size=4)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompt = [[5, 9, 2, 7, 1]]
+    assert (
+        sharded.generate(prompt, params)[0].outputs[0].token_ids
+        == engine.generate(prompt, params)[0].outputs[0].token_ids
+    )
+
+
 def test_dummy_weights_run(model_dir):
     engine = Engine(str(model_dir), load_format="dummy", num_kv_blocks=16)
     out = engine.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)

@@ -43,10 +43,29 @@ def test_outputs_vary(tiny):
     assert all(len(set(ids)) > MAX_TOKENS // 2 for ids in expected), "the random model must not repeat one token"
 
 
+def record_steps(engine: Engine) -> list[tuple[int, int]]:
+    """Record, for each step, how many decodes and how many partial prompt chunks it scheduled."""
+    steps: list[tuple[int, int]] = []
+    schedule = engine.scheduler.schedule
+
+    def recording_schedule():
+        batch = schedule()
+        remaining = [s.num_tokens - s.num_computed_tokens for s in batch.seqs]
+        decodes = sum(r == 1 for r in remaining)
+        chunks = sum(n < r for n, r in zip(batch.num_new_tokens, remaining))
+        steps.append((decodes, chunks))
+        return batch
+
+    engine.scheduler.schedule = recording_schedule
+    return steps
+
+
 def test_continuous_batching_chunked_prefill_and_prefix_hits(tiny):
     directory, prompts, follow_ups, expected = tiny
     engine = Engine(str(directory), max_num_batched_tokens=48, max_num_seqs=16, block_size=16, num_kv_blocks=128)
+    steps = record_steps(engine)
     assert token_ids(engine.generate(prompts, GREEDY, use_tqdm=False)) == expected[: len(prompts)]
+    assert any(decodes and chunks for decodes, chunks in steps), "some step should mix decodes with a prompt chunk"
     second = engine.generate(follow_ups, GREEDY, use_tqdm=False)
     assert token_ids(second) == expected[len(prompts) :]
     assert all(o.num_cached_tokens > 0 for o in second), "follow-ups should hit the prefix cache"
