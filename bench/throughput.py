@@ -132,6 +132,7 @@ class StepTimer:
 
 def run_miniengine(engine: Engine, timer: StepTimer, ids: list[list[int]], max_tokens: int) -> tuple[float, list]:
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    engine.reset_prefix_cache()  # no head start from earlier runs of the same prompts: transformers has none
     timer.reset()
     start = time.perf_counter()
     outs = engine.generate(ids, params, use_tqdm=False)

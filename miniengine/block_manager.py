@@ -133,6 +133,14 @@ class BlockManager:
                 block.prefix_id = self.blocks[twin].prefix_id if twin != block.block_id else next(self._prefix_ids)
             prefix_id = block.prefix_id
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every published prefix no sequence is using (blocks in use keep theirs)."""
+        for block in self.blocks:
+            if block.ref_count == 0 and block.key is not None:
+                if self.cached.get(block.key) == block.block_id:
+                    del self.cached[block.key]
+                block.key = block.prefix_id = None
+
     def free_sequence(self, seq: Sequence) -> None:
         """Drop `seq`'s references; blocks reaching zero go to the free list, tail blocks first to go."""
         for block_id in reversed(seq.block_table):

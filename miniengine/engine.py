@@ -155,6 +155,10 @@ class Engine:
             if not seq.is_finished:
                 self._finish(seq, "abort")
 
+    def reset_prefix_cache(self) -> None:
+        """Forget cached prefixes no request is using: the next prompts are computed from scratch."""
+        self.block_manager.reset_prefix_cache()
+
     def has_unfinished(self) -> bool:
         return bool(self._requests)
 

@@ -222,6 +222,18 @@ def test_free_sequence_returns_everything():
     assert_all_free(bm)
 
 
+def test_reset_prefix_cache_forgets_only_unused_prefixes():
+    bm = BlockManager(8, 2)
+    held, done = make_seq([1, 1, 2, 2, 3]), make_seq([4, 4, 5, 5, 6])
+    admit(bm, held)
+    admit(bm, done)
+    bm.free_sequence(done)
+    bm.reset_prefix_cache()
+    assert bm.lookup_prefix(make_seq([4, 4, 5, 5, 6])) == []
+    assert bm.lookup_prefix(make_seq([1, 1, 2, 2, 3])) == held.block_table[:2]
+    bm.check_invariants([held])
+
+
 def test_without_prefix_caching_nothing_is_shared():
     bm = BlockManager(8, 2, enable_prefix_caching=False)
     a = make_seq([1, 1, 2, 2, 3])
