@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,13 +46,12 @@ class _Request:
     seqs: list[Sequence]
     texts: list[TextState]
     aborted: bool = False
-    reported: set[int] = field(default_factory=set)  # finished samples already handed out
 
 
 class Engine:
     def __init__(self, model: str | None = None, **options: Any) -> None:
+        """Load `model` (None: the bundled SmolLM2) and size the KV cache; `options` are EngineConfig's fields."""
         self.config = config = EngineConfig(model=model, **options)
-        torch.manual_seed(config.seed)
         self.platform = resolve_platform(config.device)
         checkpoint = open_checkpoint(config.model)
         self.model_path = checkpoint.path
@@ -90,19 +89,17 @@ class Engine:
         prompt: Prompt,
         params: SamplingParams | None = None,
         request_id: str | None = None,
-        extra_inputs: dict[str, Any] | None = None,
     ) -> str:
-        """Queue a prompt (text, token ids, or {"prompt"/"prompt_token_ids": ..., "extra_inputs": ...})."""
+        """Queue a prompt: text, token ids, or {"prompt": text} / {"prompt_token_ids": ids}."""
         params = params or SamplingParams()
         request_id = str(next(self._request_ids)) if request_id is None else request_id
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        text, ids, extra = self._tokenize(prompt)
-        extra = extra_inputs if extra_inputs is not None else extra
+        text, ids = self._tokenize(prompt)
         self._check_prompt(ids)
         seqs: list[Sequence] = []
         for index in range(params.n):
-            seq = Sequence(next(self._seq_ids), request_id, list(ids), params, index, extra_inputs=extra)
+            seq = Sequence(next(self._seq_ids), request_id, list(ids), params, index)
             seq.first_sibling = seqs[0] if seqs else None
             seqs.append(seq)
         texts = [
@@ -118,17 +115,15 @@ class Engine:
             self.scheduler.add(seq)
         return request_id
 
-    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int], dict | None]:
-        extra = None
+    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
-            extra = prompt.get("extra_inputs")
             prompt = prompt["prompt_token_ids"] if "prompt_token_ids" in prompt else prompt.get("prompt")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"{self.model_path} has no tokenizer.json: send token ids instead of text")
-            return prompt, self.tokenizer.encode(prompt), extra
+            return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, list | tuple) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt), extra
+            return None, list(prompt)
         raise TypeError(f"a prompt is a string, a list of token ids, or a dict; got {type(prompt).__name__}")
 
     def _check_prompt(self, ids: list[int]) -> None:
@@ -206,7 +201,7 @@ class Engine:
                 text.visible_text(seq.is_finished),
                 seq.output_token_ids,
                 seq.finish_reason,
-                text.logprobs,
+                None if text.logprobs is None else list(text.logprobs),
                 text.stop_reason,
             )
             for seq, text in zip(request.seqs, request.texts)

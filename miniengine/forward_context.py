@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -49,8 +48,6 @@ class AttentionBackend:
 class ForwardContext:
     attn_metadata: AttentionMetadata
     attention: AttentionBackend
-    # Per-token extra inputs for models that merge them into their embeddings (image features, actions).
-    extra_inputs: dict[str, Any] = field(default_factory=dict)
 
 
 _context: ForwardContext | None = None

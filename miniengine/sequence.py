@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
 
 from miniengine.sampling_params import SamplingParams
 
@@ -35,7 +34,6 @@ class Sequence:
     # A sibling of an n>1 request waits until the first sample's prompt is in the KV cache, then shares its
     # full prompt blocks through the prefix cache instead of computing them again.
     first_sibling: Sequence | None = None
-    extra_inputs: dict[str, Any] | None = None  # per-request tensors a model merges into its embeddings
     status: SequenceStatus = SequenceStatus.WAITING
     num_prompt_tokens: int = field(init=False)
     num_computed_tokens: int = 0  # tokens whose K/V are already in the cache
