@@ -162,10 +162,9 @@ class Engine:
         moved = {r.request_id for r in self._requests.values() if r.aborted}
         batch = self.scheduler.schedule()
         if batch.seqs:
-            results = self.runner.run(batch)
-            sampled = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
+            sampled = self.runner.run(batch)
             self.scheduler.step_done(batch)
-            for seq, result in zip(sampled, results):
+            for seq, result in sampled:
                 self._append(seq, result.token_id, result.logprobs)
                 moved.add(seq.request_id)
         return [self._output(self._requests[rid]) for rid in sorted(moved, key=self._order)]

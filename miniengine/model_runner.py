@@ -23,6 +23,7 @@ from miniengine.models.layers import Attention
 from miniengine.platforms import Platform
 from miniengine.sampler import Sampler, SampleResult
 from miniengine.scheduler import ScheduledBatch
+from miniengine.sequence import Sequence
 
 
 def kv_cache_shape(model: nn.Module, num_blocks: int, block_size: int) -> tuple[int, ...]:
@@ -87,7 +88,7 @@ class ModelRunner:
         return tensor(input_ids, torch.int64), tensor(positions, torch.int64), metadata, sample_at
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[SampleResult]:
+    def run(self, batch: ScheduledBatch) -> list[tuple[Sequence, SampleResult]]:
         """Forward the batch; sample for the sequences that reached their last token, in batch order."""
         input_ids, positions, metadata, sample_at = self.prepare(batch)
         with set_forward_context(ForwardContext(metadata, self.attention)):
@@ -95,4 +96,5 @@ class ModelRunner:
         if not sample_at:
             return []
         logits = self.model.compute_logits(hidden[torch.tensor(sample_at, device=self.device)])
-        return self.sampler(logits, [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)])
+        sampled = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
+        return list(zip(sampled, self.sampler(logits, sampled)))
