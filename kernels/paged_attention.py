@@ -98,19 +98,21 @@ def _plan_groups(metadata: PagedMetadata, block_size: int, device: torch.device)
     """For each group: token indices [B, max_q] (padding repeats a real token), which are real, block
     tables [B, blocks], and the mask [B, 1, max_q, keys] (causal, offset by the cached context)."""
     starts, seq_lens = metadata.query_start_loc_host, metadata.seq_lens_host
+    # By query length: decodes first, then prefill chunks, so each group's last member has its longest query.
     order = sorted(range(len(seq_lens)), key=lambda i: (starts[i + 1] - starts[i], seq_lens[i]))
     groups: list[list[int]] = []
+    longest = 0  # the longest sequence in the last group
     for i in order:
         q_len = starts[i + 1] - starts[i]
         if groups:
-            g = groups[-1]
-            rows, max_q = len(g) + 1, max(q_len, starts[g[-1] + 1] - starts[g[-1]])
-            if (q_len == 1) == (max_q == 1) and rows * max_q * max(seq_lens[i], *(seq_lens[j] for j in g)) <= (
-                MAX_PADDED_SCORES
-            ):
-                g.append(i)
+            first_q = starts[groups[-1][0] + 1] - starts[groups[-1][0]]
+            fits = (len(groups[-1]) + 1) * q_len * max(longest, seq_lens[i]) <= MAX_PADDED_SCORES
+            if (q_len == 1) == (first_q == 1) and fits:
+                groups[-1].append(i)
+                longest = max(longest, seq_lens[i])
                 continue
         groups.append([i])
+        longest = seq_lens[i]
     plan = []
     for g in groups:
         q_lens = [starts[i + 1] - starts[i] for i in g]

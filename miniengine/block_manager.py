@@ -110,10 +110,7 @@ class BlockManager:
     def _take_free_block(self) -> int:
         block_id, _ = self.free.popitem(last=False)
         block = self.blocks[block_id]
-        if block.key is not None:  # evict: its contents are about to be overwritten
-            if self.cached.get(block.key) == block_id:
-                del self.cached[block.key]
-            block.key = block.prefix_id = None
+        self._unpublish(block)  # evict: its contents are about to be overwritten
         block.ref_count = 1
         return block_id
 
@@ -136,10 +133,14 @@ class BlockManager:
     def reset_prefix_cache(self) -> None:
         """Forget every published prefix no sequence is using (blocks in use keep theirs)."""
         for block in self.blocks:
-            if block.ref_count == 0 and block.key is not None:
-                if self.cached.get(block.key) == block.block_id:
-                    del self.cached[block.key]
-                block.key = block.prefix_id = None
+            if block.ref_count == 0:
+                self._unpublish(block)
+
+    def _unpublish(self, block: Block) -> None:
+        if block.key is not None:
+            if self.cached.get(block.key) == block.block_id:  # a twin may be the one published
+                del self.cached[block.key]
+            block.key = block.prefix_id = None
 
     def free_sequence(self, seq: Sequence) -> None:
         """Drop `seq`'s references; blocks reaching zero go to the free list, tail blocks first to go."""

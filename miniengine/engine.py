@@ -75,7 +75,7 @@ class Engine:
         model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         budget = self.platform.kv_cache_bytes(self.config.gpu_memory_utilization, model_bytes)
         shape = kv_cache_shape(model, 1, self.config.block_size)
-        per_block = torch.Size(shape).numel() * torch.empty(0, dtype=self.dtype).element_size()
+        per_block = torch.Size(shape).numel() * self.dtype.itemsize
         if budget < per_block:
             raise MemoryError(
                 f"no room for a single KV block ({per_block:,} bytes): free memory or lower the model size"
