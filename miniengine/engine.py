@@ -12,8 +12,9 @@ keeps no global state: a server thread, or a test, can drive several engines sid
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from miniengine.sampler import Sampler
 from miniengine.sampling_params import SamplingParams
 from miniengine.scheduler import Scheduler
 from miniengine.sequence import Sequence
+from miniengine.stats import LoggingStatLogger, RequestStats, StatLogger, StepStats
 from miniengine.tokenizer import IncrementalDetokenizer
 
 Prompt = str | list[int] | dict[str, Any]
@@ -46,12 +48,21 @@ class _Request:
     seqs: list[Sequence]
     texts: list[TextState]
     aborted: bool = False
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    last_token_times: list[float | None] = field(default_factory=list)  # one per sample
 
 
 class Engine:
-    def __init__(self, model: str | None = None, **options: Any) -> None:
-        """Load `model` (None: the bundled SmolLM2) and size the KV cache; `options` are EngineConfig's fields."""
+    def __init__(
+        self, model: str | None = None, *, stat_loggers: list[StatLogger] | None = None, **options: Any
+    ) -> None:
+        """Load `model` (None: the bundled SmolLM2) and size the KV cache; `options` are EngineConfig's fields.
+
+        `stat_loggers` receive every step's `StepStats` (default: one log line every few seconds).
+        """
         self.config = config = EngineConfig(model=model, **options)
+        self.stat_loggers: list[StatLogger] = [LoggingStatLogger()] if stat_loggers is None else list(stat_loggers)
         self.platform = resolve_platform(config.device)
         checkpoint = open_checkpoint(config.model)
         self.model_path = checkpoint.path
@@ -68,6 +79,7 @@ class Engine:
         sampler = Sampler(self.eos_token_ids, self.platform.device(), config.seed)
         self.runner = ModelRunner(model_obj, self.platform, self.dtype, num_blocks, config.block_size, sampler)
         self._requests: dict[str, _Request] = {}
+        self._finished: list[RequestStats] = []  # requests finished this step, for the stat loggers
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
 
@@ -110,7 +122,9 @@ class Engine:
             )
             for _ in seqs
         ]
-        self._requests[request_id] = _Request(request_id, text, list(ids), seqs, texts)
+        self._requests[request_id] = _Request(
+            request_id, text, list(ids), seqs, texts, last_token_times=[None] * len(seqs)
+        )
         for seq in seqs:
             self.scheduler.add(seq)
         return request_id
@@ -159,15 +173,57 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; returns an output for each request that got tokens or finished."""
+        start = time.monotonic()
+        counters = self.block_manager.hits, self.block_manager.queries, self.scheduler.num_preemptions
         moved = {r.request_id for r in self._requests.values() if r.aborted}
         batch = self.scheduler.schedule()
+        num_prompt_tokens = sum(
+            max(0, min(s.num_computed_tokens + n, s.num_prompt_tokens) - s.num_computed_tokens)
+            for s, n in zip(batch.seqs, batch.num_new_tokens)
+        )
+        sampled = []
         if batch.seqs:
             sampled = self.runner.run(batch)
             self.scheduler.step_done(batch)
-            for seq, result in sampled:
-                self._append(seq, result.token_id, result.logprobs)
-                moved.add(seq.request_id)
-        return [self._output(self._requests[rid]) for rid in sorted(moved, key=self._order)]
+        now = time.monotonic()
+        ttft, itl = [], []
+        for seq, result in sampled:
+            request = self._requests[seq.request_id]
+            last = request.last_token_times[seq.index]
+            if last is None:
+                ttft.append(now - request.arrival_time)
+                request.first_token_time = request.first_token_time or now
+            else:
+                itl.append(now - last)
+            request.last_token_times[seq.index] = now
+            self._append(seq, result.token_id, result.logprobs)
+            moved.add(seq.request_id)
+        outputs = [self._output(self._requests[rid]) for rid in sorted(moved, key=self._order)]
+        if self.stat_loggers:
+            self._record_stats(start, counters, num_prompt_tokens, len(sampled), ttft, itl, outputs)
+        return outputs
+
+    def _record_stats(self, start, counters, num_prompt_tokens, num_sampled, ttft, itl, outputs) -> None:
+        bm, now = self.block_manager, time.monotonic()
+        finished, self._finished = tuple(self._finished), []
+        stats = StepStats(
+            timestamp=now,
+            step_time=now - start,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_kv_blocks=bm.num_blocks,
+            num_free_kv_blocks=bm.num_free_blocks,
+            num_prompt_tokens=num_prompt_tokens,
+            num_generation_tokens=num_sampled,
+            prefix_cache_queries=(bm.queries - counters[1]) * bm.block_size,
+            prefix_cache_hits=(bm.hits - counters[0]) * bm.block_size,
+            num_preemptions=self.scheduler.num_preemptions - counters[2],
+            time_to_first_token=tuple(ttft),
+            inter_token_latency=tuple(itl),
+            finished=finished,
+        )
+        for stat_logger in self.stat_loggers:
+            stat_logger.record(stats)
 
     def _order(self, request_id: str) -> int:
         return self._requests[request_id].seqs[0].seq_id
@@ -206,9 +262,21 @@ class Engine:
             for seq, text in zip(request.seqs, request.texts)
         ]
         finished = all(seq.is_finished for seq in request.seqs)
+        first = request.seqs[0]
         if finished:
             del self._requests[request.request_id]
-        first = request.seqs[0]
+            self._finished.append(
+                RequestStats(
+                    request.request_id,
+                    first.finish_reason or "abort",
+                    len(request.prompt_token_ids),
+                    sum(len(c.token_ids) for c in outputs),
+                    first.num_cached_tokens,
+                    request.arrival_time,
+                    request.first_token_time,
+                    time.monotonic(),
+                )  # fmt: skip
+            )
         return RequestOutput(
             request.request_id, request.prompt, request.prompt_token_ids, outputs, finished, first.num_cached_tokens
         )

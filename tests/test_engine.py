@@ -108,3 +108,27 @@ def test_cli_reports_bad_options(model_dir):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 2 and "SamplingParams.top_p" in result.stderr
+
+
+def test_stat_loggers_receive_every_step(model_dir):
+    class Recorder:
+        def __init__(self):
+            self.steps = []
+
+        def record(self, stats):
+            self.steps.append(stats)
+
+    recorder = Recorder()
+    engine = Engine(str(model_dir), num_kv_blocks=64, block_size=4, stat_loggers=[recorder])
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    engine.generate([[1, 2, 3] * 10, [4, 5, 6] * 7], params, use_tqdm=False)
+    steps = recorder.steps
+    assert sum(s.num_generation_tokens for s in steps) == 10
+    assert sum(s.num_prompt_tokens for s in steps) == 30 + 21
+    assert len([t for s in steps for t in s.time_to_first_token]) == 2
+    assert len([t for s in steps for t in s.inter_token_latency]) == 8
+    finished = [f for s in steps for f in s.finished]
+    assert sorted(f.num_prompt_tokens for f in finished) == [21, 30] and all(f.e2e_latency > 0 for f in finished)
+    engine.generate([[1, 2, 3] * 10], params, use_tqdm=False)  # the same prompt: its full blocks are cached
+    assert sum(s.prefix_cache_hits for s in recorder.steps) == 28
+    assert recorder.steps[-1].kv_cache_usage == 0.0
