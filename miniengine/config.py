@@ -19,6 +19,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None  # fix the KV cache size instead of measuring memory
+    enforce_eager: bool = False  # never replay captured graphs (CUDA graphs for decode steps)
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -64,6 +64,7 @@ class Engine:
         self.config = config = EngineConfig(model=model, **options)
         self.stat_loggers: list[StatLogger] = [LoggingStatLogger()] if stat_loggers is None else list(stat_loggers)
         self.platform = resolve_platform(config.device)
+        self.platform.check_and_update_config(config)
         checkpoint = open_checkpoint(config.model)
         self.model_path = checkpoint.path
         self.hf_config = checkpoint.config
@@ -85,7 +86,7 @@ class Engine:
 
     def _num_blocks_that_fit(self, model: torch.nn.Module) -> int:
         model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        budget = self.platform.kv_cache_bytes(self.config.gpu_memory_utilization, model_bytes)
+        budget = self.platform.kv_cache_bytes(self.config, model_bytes, profile=lambda: model_bytes)
         shape = kv_cache_shape(model, 1, self.config.block_size)
         per_block = torch.Size(shape).numel() * self.dtype.itemsize
         if budget < per_block:

@@ -1,8 +1,9 @@
-"""The per-step forward context: the one ambient object, read by attention layers during a forward pass.
+"""The per-step forward context: the one ambient object, read by the layers during a forward pass.
 
-The model runner builds an `AttentionMetadata` for the flat token batch of a step and sets it here for
-the duration of `model.forward`; each attention layer reads it to find where to write the new K/V
-(`slot_mapping`) and which cached K/V each sequence attends to (`block_tables`, `seq_lens`).
+The model runner builds an `AttentionMetadata` for the flat token batch of a step and sets it here, with
+the platform's `Kernels`, for the duration of `model.forward`. Each attention layer reads the metadata to
+find where to write the new K/V (`slot_mapping`) and which cached K/V each sequence attends to
+(`block_tables`, `seq_lens`); every layer calls its norm, rotary, activation and attention through `kernels`.
 
     flat batch   [ a0 a1 a2 a3 | b7 | c0 c1 ]      a: prefill chunk, b: decode, c: prefill chunk
     query_start_loc [0, 4, 5, 7]                    where each sequence's tokens start
@@ -15,8 +16,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from miniengine.kernels import fused_ops
 
 
 @dataclass(slots=True)
@@ -36,18 +40,27 @@ class AttentionMetadata:
 
 
 @dataclass(frozen=True, slots=True)
-class AttentionBackend:
-    """The two functions a platform supplies: write new K/V into the paged cache, and attend through it."""
+class Kernels:
+    """The hot-path functions a platform supplies; layers call them through the forward context.
+
+    The CPU gives the plain-torch references (kernels/paged_attention.py, kernels/fused_ops.py), CUDA the
+    Triton kernels beside them; a platform plugin may bring its own. Same signatures everywhere.
+    """
 
     name: str
     store_kv: Callable[..., None]  # (key, value, k_cache, v_cache, slot_mapping)
     attend: Callable[..., torch.Tensor]  # (query, k_cache, v_cache, metadata, scale) -> output
+    rms_norm: Callable[..., Any] = fused_ops.rms_norm  # (x, weight, eps, residual=None)
+    rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]] = fused_ops.rotary  # (positions, q, k, cos, sin)
+    silu_and_mul: Callable[..., torch.Tensor] = fused_ops.silu_and_mul
+    # (x, w13, w2, topk_weights, topk_ids) -> [T, hidden]: the experts of a MoE layer (kernels/moe.py)
+    fused_moe: Callable[..., torch.Tensor] | None = None
 
 
 @dataclass(slots=True)
 class ForwardContext:
     attn_metadata: AttentionMetadata
-    attention: AttentionBackend
+    kernels: Kernels
 
 
 _context: ForwardContext | None = None

@@ -46,7 +46,7 @@ class ModelRunner:
         self.device = platform.device()
         self.block_size = block_size
         self.sampler = sampler
-        self.attention = platform.attention_backend()
+        self.kernels = platform.kernels()
         self.kv_cache = torch.zeros(kv_cache_shape(model, num_blocks, block_size), dtype=dtype, device=self.device)
         layers = [m for m in model.modules() if isinstance(m, Attention)]
         for i, layer in enumerate(layers):
@@ -91,7 +91,7 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> list[tuple[Sequence, SampleResult]]:
         """Forward the batch; sample for the sequences that reached their last token, in batch order."""
         input_ids, positions, metadata, sample_at = self.prepare(batch)
-        with set_forward_context(ForwardContext(metadata, self.attention)):
+        with set_forward_context(ForwardContext(metadata, self.kernels)):
             hidden = self.model(input_ids, positions)
         if not sample_at:
             return []

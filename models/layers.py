@@ -2,7 +2,8 @@
 
 `MergedLinear` holds several projections in one weight (q|k|v, gate|up) so one matmul computes them all;
 checkpoints store them apart, so it knows where each shard goes. `Attention` writes the new K/V into the
-paged cache and attends through block tables, using whichever backend the platform put in the forward context.
+paged cache and attends through block tables. The math of each layer is a function of the platform's
+`Kernels` (plain torch on the CPU, Triton on CUDA), found in the forward context.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from miniengine.forward_context import get_forward_context
@@ -24,14 +24,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Normalise `x`; with `residual`, first add it and also return the sum (the next residual)."""
-        if residual is not None:
-            x = x + residual
-            residual = x
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * h.to(dtype)
-        return out if residual is None else (out, residual)
+        return get_forward_context().kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
 class MergedLinear(nn.Linear):
@@ -49,11 +42,6 @@ class MergedLinear(nn.Linear):
                 f"shard {shard} of a merged projection expects {tuple(rows.shape)}, got {tuple(loaded.shape)}"
             )
         rows.copy_(loaded)
-
-
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 class RotaryEmbedding(nn.Module):
@@ -76,14 +64,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """Rotate q [T, Hq, D] and k [T, Hkv, D] by their token positions [T]."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        return get_forward_context().kernels.rotary(positions, q, k, self.cos, self.sin)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -110,6 +91,6 @@ class Attention(nn.Module):
         """q [T, Hq, D], k and v [T, Hkv, D] -> [T, Hq * D]."""
         context = get_forward_context()
         meta = context.attn_metadata
-        context.attention.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        out = context.attention.attend(q, self.k_cache, self.v_cache, meta, self.scale)
+        context.kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        out = context.kernels.attend(q, self.k_cache, self.v_cache, meta, self.scale)
         return out.flatten(1)

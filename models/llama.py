@@ -16,7 +16,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from miniengine.models.layers import Attention, MergedLinear, RMSNorm, RotaryEmbedding, silu_and_mul
+from miniengine.forward_context import get_forward_context
+from miniengine.models.layers import Attention, MergedLinear, RMSNorm, RotaryEmbedding
 
 
 def rope_settings(config: SimpleNamespace) -> tuple[float, dict | None]:
@@ -72,7 +73,7 @@ class LlamaMLP(nn.Module):
             raise NotImplementedError(f"hidden_act {config.hidden_act!r} is not supported (silu is)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(get_forward_context().kernels.silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

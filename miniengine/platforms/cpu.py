@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
-from miniengine.forward_context import AttentionBackend
+from miniengine.config import EngineConfig
+from miniengine.forward_context import Kernels
 from miniengine.kernels.paged_attention import paged_attention_sdpa, store_kv
 from miniengine.platforms.interface import Platform
 
@@ -21,14 +23,25 @@ class CpuPlatform(Platform):
     def default_dtype(self) -> torch.dtype:
         return torch.float32  # bf16 matmuls are slow on CPUs without AMX
 
-    def attention_backend(self) -> AttentionBackend:
-        return AttentionBackend("torch-sdpa", store_kv, paged_attention_sdpa)
+    @classmethod
+    def is_available(cls) -> bool:
+        return True
 
-    def kv_cache_bytes(self, memory_utilization: float, model_bytes: int) -> int:
+    def kernels(self) -> Kernels:
+        return Kernels("torch", store_kv, paged_attention_sdpa)
+
+    def memory_info(self) -> tuple[int, int]:
+        page = os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page
+
+    def check_and_update_config(self, config: EngineConfig) -> None:
+        config.enforce_eager = True  # no graph capture on the CPU
+
+    def kv_cache_bytes(self, config: EngineConfig, model_bytes: int, profile: Callable[[], int]) -> int:
         """`MINIENGINE_CPU_KV_CACHE_GIB` (default 4 GiB), never more than half the memory still available."""
         wanted = float(os.environ.get("MINIENGINE_CPU_KV_CACHE_GIB", DEFAULT_KV_CACHE_GIB)) * 2**30
         try:
-            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            available, _ = self.memory_info()
         except (ValueError, OSError):
             return int(wanted)
-        return int(min(wanted, available * memory_utilization / 2))
+        return int(min(wanted, available * config.gpu_memory_utilization / 2))

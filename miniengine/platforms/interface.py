@@ -1,34 +1,61 @@
 """What differs from one device to another, in one place: the Platform interface.
 
-The engine never asks "is this CUDA?": it asks the platform for its torch device, its default dtype,
-its attention backend, how much memory the KV cache may take, and how processes talk to each other.
+The engine never asks "is this CUDA?": it asks the platform for its torch device, its default dtype, the
+kernels the layers call (`Kernels`: attention, KV store, norms, rotary, activation, MoE), how much memory
+the KV cache may take, whether decode steps may be captured as graphs, and how processes talk to each
+other. A new device (built in, or from a platform plugin) is one subclass of `Platform`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 
-from miniengine.forward_context import AttentionBackend
+from miniengine.forward_context import Kernels
+
+if TYPE_CHECKING:
+    from miniengine.config import EngineConfig
 
 
 class Platform:
     name: str = "base"
     device_type: str = "cpu"  # torch device type
     dist_backend: str = "gloo"  # torch.distributed backend for tensor parallel workers
-    supports_graphs: bool = False
+    supports_graphs: bool = False  # can decode steps be captured and replayed (CUDA graphs)?
 
-    def device(self) -> torch.device:
+    @classmethod
+    def is_available(cls) -> bool:
+        """True when this platform's hardware is present (auto-detection asks every platform)."""
+        return False
+
+    def device(self, local_rank: int = 0) -> torch.device:
         return torch.device(self.device_type)
+
+    def set_device(self, local_rank: int) -> None:
+        """Make device `local_rank` this process's current one (each tensor parallel worker has its own)."""
 
     def default_dtype(self) -> torch.dtype:
         raise NotImplementedError
 
-    def attention_backend(self) -> AttentionBackend:
+    def kernels(self) -> Kernels:
         raise NotImplementedError
 
-    def kv_cache_bytes(self, memory_utilization: float, model_bytes: int) -> int:
-        """Bytes the KV cache may take, given the loaded model's own size."""
+    def memory_info(self) -> tuple[int, int]:
+        """(free, total) bytes of device memory."""
         raise NotImplementedError
+
+    def kv_cache_bytes(self, config: EngineConfig, model_bytes: int, profile: Callable[[], int]) -> int:
+        """Bytes the KV cache may take. `profile()` runs a forward pass of a full step's batch and returns
+        the peak bytes the device held meanwhile (weights included); platforms that measure memory call it."""
+        raise NotImplementedError
+
+    def check_and_update_config(self, config: EngineConfig) -> None:
+        """Adjust settings this device cannot honour (block size, graphs), saying why; called early."""
+
+    def seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
 
     def synchronize(self) -> None:
         pass
