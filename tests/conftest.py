@@ -8,7 +8,11 @@ import os
 import pytest
 import torch
 
-from miniengine.gguf_loader import bundled_smollm2_path
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors (set before triton is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from miniengine.gguf_loader import bundled_smollm2_path  # noqa: E402
 
 
 @pytest.fixture(scope="session")
