@@ -47,8 +47,7 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch
     """
     flat = topk_ids.flatten().long()
     num_pairs = flat.numel()
-    bound = num_pairs + min(num_experts, num_pairs) * (block_m - 1)
-    num_tiles = -(-bound // block_m)
+    num_tiles = max_tiles(num_pairs, num_experts, block_m)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
@@ -60,6 +59,12 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch
     tile_starts = torch.arange(0, num_tiles * block_m, block_m, device=flat.device)
     tile_experts = torch.searchsorted(ends, tile_starts, right=True).to(torch.int32)
     return sorted_ids, tile_experts, ends[-1:].to(torch.int32)
+
+
+def max_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Tiles `align` may fill: each expert that gets any of the pairs pads its group by < block_m rows."""
+    bound = num_pairs + min(num_experts, num_pairs) * (block_m - 1)
+    return -(-bound // block_m)
 
 
 def fused_moe(

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from miniengine.kernels.moe import align
+from miniengine.kernels.moe import max_tiles
 
 # triton 3.9's interpreter returns wrong results for tl.dot on bf16 operands (fp16 and fp32 are right), so
 # in interpreter mode bf16 tiles are upcast to fp32 before the dot; compiled kernels never take that path.
@@ -117,6 +117,7 @@ def _grouped_gemm(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     # Programs run GROUP_M tiles down one column of slabs before moving right: neighbouring tiles (mostly
@@ -148,7 +149,7 @@ def _grouped_gemm(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # gate_up only: the up half, rows N + n of w13
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_ok = offs_k < K - k * BLOCK_K
+        k_ok = (offs_k < K - k * BLOCK_K) | EVEN_K  # a mask along K, where K is contiguous, costs vector loads
         a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if UPCAST:
@@ -172,6 +173,81 @@ def _grouped_gemm(
         tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=real[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _count_experts(ids_ptr, counts_ptr, sorted_ids_ptr, num_pairs, num_rows, BLOCK: tl.constexpr):
+    """Pairs per expert (atomic adds); every row of sorted_ids starts as padding (num_pairs)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(sorted_ids_ptr + offs, tl.full((BLOCK,), num_pairs, tl.int32), mask=offs < num_rows)
+    ok = offs < num_pairs
+    experts = tl.load(ids_ptr + offs, mask=ok, other=0)
+    tl.atomic_add(counts_ptr + experts, tl.full((BLOCK,), 1, tl.int32), mask=ok)
+
+
+@triton.jit
+def _place_pairs(
+    ids_ptr,
+    counts_ptr,
+    cursors_ptr,
+    sorted_ids_ptr,
+    tile_experts_ptr,
+    num_padded_ptr,
+    num_pairs,
+    num_experts,
+    num_tiles,
+    BLOCK_M: tl.constexpr,
+    E_PAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """Each program recomputes the (tiny) prefix sum of padded group sizes, then writes its pairs at their
+    expert's start plus a slot taken with an atomic add. Program 0 also writes the tile list."""
+    e_offs = tl.arange(0, E_PAD)
+    counts = tl.load(counts_ptr + e_offs, mask=e_offs < num_experts, other=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    starts = ends - padded
+    if tl.program_id(0) == 0:
+        tl.store(num_padded_ptr, tl.sum(padded, 0))
+        for t0 in range(0, num_tiles, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            done = (ends[None, :] <= t[:, None] * BLOCK_M) & (e_offs < num_experts)[None, :]
+            tl.store(tile_experts_ptr + t, tl.sum(done.to(tl.int32), 1), mask=t < num_tiles)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < num_pairs
+    experts = tl.load(ids_ptr + offs, mask=ok, other=0).to(tl.int32)
+    start = tl.sum(tl.where(e_offs[None, :] == experts[:, None], starts[None, :], 0), 1)  # starts[experts]
+    slot = tl.atomic_add(cursors_ptr + experts, tl.full((BLOCK,), 1, tl.int32), mask=ok)
+    tl.store(sorted_ids_ptr + start + slot, offs, mask=ok)
+
+
+def triton_align(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`kernels.moe.align` in two small kernels (the torch version takes ~25 launches, too many for decode).
+
+    Same outputs, except that within one expert's group the pairs come in the order the atomics hand out
+    slots (any order gives the same results: each row of a GEMM is computed on its own).
+    """
+    device = topk_ids.device
+    ids = topk_ids.flatten()
+    num_pairs = ids.numel()
+    num_tiles = max_tiles(num_pairs, num_experts, block_m)
+    e_pad = triton.next_power_of_2(num_experts)
+    scratch = torch.zeros(2, e_pad, dtype=torch.int32, device=device)  # counts, then cursors
+    sorted_ids = torch.empty(num_tiles * block_m, dtype=torch.int32, device=device)
+    tile_experts = torch.empty(num_tiles, dtype=torch.int32, device=device)
+    num_padded = torch.empty(1, dtype=torch.int32, device=device)
+    _count_experts[(triton.cdiv(sorted_ids.numel(), 1024),)](
+        ids, scratch[0], sorted_ids, num_pairs, sorted_ids.numel(), BLOCK=1024
+    )
+    block = max(16, 8192 // e_pad)  # the [block, E_PAD] gather of starts stays small
+    _place_pairs[(triton.cdiv(num_pairs, block),)](
+        ids, scratch[0], scratch[1], sorted_ids, tile_experts, num_padded, num_pairs, num_experts, num_tiles,
+        BLOCK_M=block_m, E_PAD=e_pad, BLOCK=block, BLOCK_T=max(16, 4096 // e_pad),
+    )  # fmt: skip
+    return sorted_ids, tile_experts, num_padded
+
+
 def fused_moe(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -192,30 +268,22 @@ def fused_moe(
     config = config or pick_config(num_tokens, hidden, intermediate, num_experts, top_k)
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
     weights = topk_weights.flatten().float().contiguous()
-    sorted_ids, tile_experts, num_padded = align(topk_ids, num_experts, config.block_m)
-    num_tiles_m = tile_experts.numel()
-    num_pairs = num_tokens * top_k
-    upcast = _INTERPRET and x.dtype == torch.bfloat16
-
-    h = torch.empty(sorted_ids.numel(), intermediate, dtype=x.dtype, device=x.device)
-    tile = config.gate_up
-    grid = (num_tiles_m * triton.cdiv(intermediate, tile.block_n),)
-    _grouped_gemm[grid](
-        x, w13, h, weights, sorted_ids, tile_experts, num_padded,
-        num_pairs, intermediate, hidden, num_tiles_m,
-        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
-        TOP_K=top_k, GATE_UP=True, BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-        GROUP_M=config.group_m, UPCAST=upcast, num_warps=tile.num_warps, num_stages=tile.num_stages,
-    )  # fmt: skip
-
-    out = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
-    tile = config.down
-    grid = (num_tiles_m * triton.cdiv(hidden, tile.block_n),)
-    _grouped_gemm[grid](
-        h, w2, out, weights, sorted_ids, tile_experts, num_padded,
-        num_pairs, hidden, intermediate, num_tiles_m,
-        h.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-        TOP_K=top_k, GATE_UP=False, BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-        GROUP_M=config.group_m, UPCAST=upcast, num_warps=tile.num_warps, num_stages=tile.num_stages,
-    )  # fmt: skip
+    tiles = triton_align(topk_ids, num_experts, config.block_m)
+    h = torch.empty(tiles[0].numel(), intermediate, dtype=x.dtype, device=x.device)
+    _launch_gemm(x, w13, h, weights, tiles, top_k, True, config.gate_up, config)
+    out = torch.empty(num_tokens * top_k, hidden, dtype=x.dtype, device=x.device)
+    _launch_gemm(h, w2, out, weights, tiles, top_k, False, config.down, config)
     return out.view(num_tokens, top_k, hidden).sum(dim=1)
+
+
+def _launch_gemm(a, b, c, weights, tiles, top_k: int, gate_up: bool, tile: GemmTile, config: MoeConfig) -> None:
+    sorted_ids, tile_experts, num_padded = tiles
+    n, k = c.shape[1], a.shape[1]
+    grid = (tile_experts.numel() * triton.cdiv(n, tile.block_n),)
+    _grouped_gemm[grid](
+        a, b, c, weights, sorted_ids, tile_experts, num_padded, weights.numel(), n, k, tile_experts.numel(),
+        a.stride(0), b.stride(0), b.stride(1), c.stride(0),
+        TOP_K=top_k, GATE_UP=gate_up, BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+        GROUP_M=config.group_m, EVEN_K=k % tile.block_k == 0, UPCAST=_INTERPRET and a.dtype == torch.bfloat16,
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )  # fmt: skip

@@ -68,11 +68,13 @@ def test_route_matches_mixtral_router_and_softmax_after_topk():
 
 @pytest.mark.parametrize(
     "num_tokens, num_experts, top_k, block_m",
-    [(1, 8, 2, 16), (3, 16, 8, 16), (37, 6, 3, 4), (64, 128, 8, 16), (200, 8, 2, 64), (5, 4, 4, 1)],
+    [(1, 8, 2, 16), (3, 16, 8, 16), (37, 6, 3, 4), (64, 128, 8, 16), (200, 8, 2, 64), (5, 4, 4, 1), (700, 3, 2, 16)],
 )
-def test_align_invariants(num_tokens, num_experts, top_k, block_m):
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_align_invariants(impl, num_tokens, num_experts, top_k, block_m):
     _, ids = random_routing(num_tokens, num_experts, top_k, seed=num_tokens, skew=4.0)
-    sorted_ids, tile_experts, num_padded = moe.align(ids, num_experts, block_m)
+    align = moe.align if impl == "torch" else triton_moe.triton_align
+    sorted_ids, tile_experts, num_padded = align(ids, num_experts, block_m)
     num_pairs = num_tokens * top_k
     counts = torch.bincount(ids.flatten().cpu(), minlength=num_experts)
     used = int(num_padded)
@@ -89,7 +91,9 @@ def test_align_invariants(num_tokens, num_experts, top_k, block_m):
         pairs = tile[tile < num_pairs]
         assert len(pairs) > 0, "no tile is all padding"
         assert (flat[pairs] == tiles[t]).all(), "each tile's pairs belong to its expert"
-        assert (tile[: len(pairs)] == pairs).all() and (pairs.diff() > 0).all(), "padding last, pairs in order"
+        assert (tile[: len(pairs)] == pairs).all(), "padding last"
+        # The torch version keeps pair order within an expert; the kernel's atomics may not (on a GPU).
+        assert impl == "triton" or (pairs.diff() > 0).all()
     assert (tiles[: used // block_m].diff() >= 0).all(), "experts in order"
 
 
