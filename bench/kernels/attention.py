@@ -179,7 +179,7 @@ def sweep_candidates(shape: Shape) -> list[dict]:
     if shape.kind == "decode":
         configs = [tpa.TileConfig(16, n, w, s) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
         return [{"config": c} for c in configs] + [{"num_splits": k} for k in (1, 2, 4, 8, 16)]
-    rows = (64, 128) if shape.kind == "prefill" else (16, 32, 64)
+    rows = (64, 128) if shape.kind == "prefill" else (32, 64)
     return [
         {"config": tpa.TileConfig(m, n, w, s)} for m in rows for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
     ]
