@@ -26,6 +26,7 @@ from miniengine.loader import load_model, open_checkpoint, resolve_dtype
 from miniengine.model_runner import ModelRunner, kv_cache_shape
 from miniengine.outputs import CompletionOutput, RequestOutput, StreamDelta, TextState
 from miniengine.platforms import resolve_platform
+from miniengine.plugins import load_general_plugins, load_stat_logger_plugins
 from miniengine.sampler import Sampler
 from miniengine.sampling_params import SamplingParams
 from miniengine.scheduler import Scheduler
@@ -59,10 +60,13 @@ class Engine:
     ) -> None:
         """Load `model` (None: the bundled SmolLM2) and size the KV cache; `options` are EngineConfig's fields.
 
-        `stat_loggers` receive every step's `StepStats` (default: one log line every few seconds).
+        `stat_loggers` receive every step's `StepStats` (default: one log line every few seconds), and so does
+        one logger from each stat-logger plugin.
         """
         self.config = config = EngineConfig(model=model, **options)
+        load_general_plugins()  # before any model is resolved: a plugin may register the architecture
         self.stat_loggers: list[StatLogger] = [LoggingStatLogger()] if stat_loggers is None else list(stat_loggers)
+        self.stat_loggers += load_stat_logger_plugins()
         self.platform = resolve_platform(config.device)
         self.platform.check_and_update_config(config)
         checkpoint = open_checkpoint(config.model)
