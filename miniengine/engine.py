@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from miniengine.block_manager import BlockManager
 from miniengine.config import EngineConfig
+from miniengine.extra_inputs import extra_input_specs, prepare_extra_inputs
 from miniengine.loader import load_model, open_checkpoint, resolve_dtype
 from miniengine.model_runner import ModelRunner, kv_cache_shape
 from miniengine.outputs import CompletionOutput, RequestOutput, StreamDelta, TextState
@@ -78,6 +79,7 @@ class Engine:
         self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else set()
         self.sampler = Sampler(self.eos_token_ids, self.platform.device(), config.seed)
         self.runner = ModelRunner(model_obj, self.platform, self.dtype, config)
+        self.extra_input_specs = extra_input_specs(model_obj)
         num_blocks = config.num_kv_blocks or self._num_blocks_that_fit(model_obj)
         self.runner.allocate_kv_cache(num_blocks)
         self.max_model_len = config.resolve_max_model_len(checkpoint.config, num_blocks * config.block_size)
@@ -118,16 +120,18 @@ class Engine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
     ) -> str:
-        """Queue a prompt: text, token ids, or {"prompt": text} / {"prompt_token_ids": ids}."""
+        """Queue a prompt: text, token ids, or {"prompt": text} / {"prompt_token_ids": ids}, either dict with
+        "extra_inputs": {name: tensor} for models that take them (extra_inputs.py)."""
         params = params or SamplingParams()
         request_id = str(next(self._request_ids)) if request_id is None else request_id
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids = self._tokenize(prompt)
         self._check_prompt(ids)
+        extra = prepare_extra_inputs(self.extra_input_specs, prompt, ids, self.config.block_size)
         seqs: list[Sequence] = []
         for index in range(params.n):
-            seq = Sequence(next(self._seq_ids), request_id, list(ids), params, index)
+            seq = Sequence(next(self._seq_ids), request_id, list(ids), params, index, extra_inputs=extra)
             seq.first_sibling = seqs[0] if seqs else None
             seqs.append(seq)
         texts = [
