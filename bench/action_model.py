@@ -11,6 +11,7 @@ per image token, reading every weight and the cached K/V each step; peaks are me
 
     python bench/action_model.py              # Llama-1B shape, bfloat16, on the GPU (the goal: >= 10x the reference)
     python bench/action_model.py --small      # a small shape that runs on a CPU in about a minute
+    python bench/action_model.py --small --threads 1    # less sensitive to other processes on a shared CPU
 
 Writes bench/results/action_model-<device>-<date>.json (or --out). Never asserts timings.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -119,7 +121,11 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=4, help="frames generated per video, after the first")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each; the fastest is reported")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     register()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -179,8 +185,12 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "command": " ".join(["python", *sys.argv]),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else peak.name,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "miniengine": _version("miniengine"), "triton": _version("triton")},  # fmt: skip
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "miniengine": _version("miniengine"),
+            "triton": _version("triton"),
+        },  # fmt: skip
         "settings": {
             "shape": "small" if args.small else "Llama-1B",
             "config": config,
@@ -194,13 +204,19 @@ def main() -> None:
             "checkpoint_write_s": make_s,
             "engine_load_s": engine_load_s,
             "repeats": args.repeats,
+            "torch_threads": torch.get_num_threads(),
+            "load_average_before_after": [[round(x, 2) for x in load_before], [round(x, 2) for x in os.getloadavg()]],
         },
-        "peak": {"flops": peak.flops, "bandwidth_bytes_per_s": peak.bandwidth, "source": peak.source,
-                 "spec_sheet": (gpu_peak(peak.name).__dict__ if device.type == "cuda" and gpu_peak(peak.name)
-                                else None)},  # fmt: skip
+        "peak": {
+            "flops": peak.flops,
+            "bandwidth_bytes_per_s": peak.bandwidth,
+            "source": peak.source,
+            "spec_sheet": (gpu_peak(peak.name).__dict__ if device.type == "cuda" and gpu_peak(peak.name) else None),
+        },  # fmt: skip
         "floor_s": floor_s,
-        "miniengine": dict(row(engine_s), prompt_tokens_computed=counter.computed,
-                           prompt_tokens_from_prefix_cache=counter.cached),  # fmt: skip
+        "miniengine": dict(
+            row(engine_s), prompt_tokens_computed=counter.computed, prompt_tokens_from_prefix_cache=counter.cached
+        ),  # fmt: skip
         "reference": row(reference_s),
         "miniengine_over_reference": min(reference_s) / min(engine_s),
         "agreement": {
