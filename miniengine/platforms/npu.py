@@ -19,6 +19,7 @@ import torch
 
 from miniengine.config import EngineConfig
 from miniengine.forward_context import Kernels
+from miniengine.kernels import moe
 from miniengine.kernels.paged_attention import paged_attention_sdpa, store_kv
 from miniengine.platforms.interface import Platform
 
@@ -89,7 +90,8 @@ class NpuPlatform(Platform):
 
     def kernels(self) -> Kernels:
         attend = fused_decode_attention if self.has_fused_attention() else paged_attention_sdpa
-        return Kernels("npu" if attend is fused_decode_attention else "torch", store_kv, attend)
+        name = "npu" if attend is fused_decode_attention else "torch"
+        return Kernels(name, store_kv, attend, fused_moe=moe.fused_moe)  # the rest: the plain-torch references
 
     def memory_info(self) -> tuple[int, int]:
         return torch.npu.mem_get_info()
