@@ -80,3 +80,16 @@ def test_a_checkpoint_tensor_without_a_place_is_named(checkpoint, tmp_path):
     save_file(weights, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"no place in ActionWorldModel: \['pos_embed.depth'\]"):
         Engine(str(tmp_path), num_kv_blocks=16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("eager", [False, True], ids=["cuda-graphs", "eager"])
+def test_engine_frames_equal_the_reference_on_the_gpu(checkpoint, inputs, reference_frames, eager):
+    """The CUDA path (Triton kernels, decode steps replayed as CUDA graphs, which never carry extra-input
+    rows) in float32 gives the reference's frames exactly."""
+    directory, _ = checkpoint
+    engine = Engine(str(directory), dtype="float32", num_kv_blocks=256, max_num_seqs=VIDEOS, enforce_eager=eager,
+                    stat_loggers=[])  # fmt: skip
+    assert engine.platform.name == "cuda"
+    assert torch.equal(generate_videos(engine, *inputs), reference_frames)
