@@ -7,10 +7,13 @@ blocks holding its tokens in order, so token i lives in slot `block_table[i // B
     seq B  "The cat sat on a red rug"      block_table [7, 4]    (B = 4: block 7 holds "The cat sat on")
 
 Prefix caching: every full, computed block is published under the key (id of the prefix before it, its
-token ids) and gets a prefix id of its own, a chain that names the whole prefix up to that block:
+token ids, a digest of any extra-input rows inside it) and gets a prefix id of its own, a chain that names
+the whole prefix up to that block:
 
-    block "The cat sat on"  key (None, tokens) -> prefix id 0
-    block "the mat ."       key (0, tokens)    -> prefix id 1      ("the mat ." after another prefix: not 1)
+    block "The cat sat on"  key (None, tokens, None) -> prefix id 0
+    block "the mat ."       key (0, tokens, None)    -> prefix id 1      ("the mat ." after another prefix: not 1)
+
+Equal token ids with different extra inputs (image features, actions: extra_inputs.py) never share a block.
 
 A new sequence walks its own full blocks down the chain; each hit is shared by taking a reference instead
 of being computed again. The keys are hashed by the dict but compared in full, and prefix ids are never
@@ -35,7 +38,7 @@ class Block:
     block_id: int
     ref_count: int = 0
     # Set once the block is full, computed and published (prefix caching on):
-    key: tuple[int | None, tuple[int, ...]] | None = None  # (prefix id before it, its token ids)
+    key: tuple[int | None, tuple[int, ...], bytes | None] | None = None  # (prefix id before it, tokens, extras)
     prefix_id: int | None = None  # names the prefix ending with this block
 
 
@@ -74,12 +77,17 @@ class BlockManager:
         found: list[int] = []
         prefix_id: int | None = None
         for i in range(num_full):
-            block_id = self.cached.get((prefix_id, tuple(seq.token_ids[i * size : (i + 1) * size])))
+            block_id = self.cached.get(self._key(seq, i, prefix_id))
             if block_id is None:
                 break
             found.append(block_id)
             prefix_id = self.blocks[block_id].prefix_id
         return found
+
+    def _key(self, seq: Sequence, i: int, prefix_id: int | None) -> tuple:
+        """The prefix-cache key of `seq`'s block number i, which follows the prefix named `prefix_id`."""
+        size = self.block_size
+        return (prefix_id, tuple(seq.token_ids[i * size : (i + 1) * size]), seq.extra_key(i))
 
     def allocate(self, seq: Sequence, num_new_tokens: int, cached: list[int] = ()) -> bool:  # type: ignore[assignment]
         """Give `seq` the blocks to hold `num_new_tokens` more tokens, first sharing `cached` prefix blocks.
@@ -123,7 +131,7 @@ class BlockManager:
         for i in range(seq.num_computed_tokens // size):
             block = self.blocks[seq.block_table[i]]
             if block.key is None:
-                block.key = (prefix_id, tuple(seq.token_ids[i * size : (i + 1) * size]))
+                block.key = self._key(seq, i, prefix_id)
                 # Two sequences may have computed the same block in one step: the first stays the one shared,
                 # and its twin takes the same prefix id, since it holds the same prefix.
                 twin = self.cached.setdefault(block.key, block.block_id)

@@ -22,10 +22,12 @@ from tqdm import tqdm
 
 from miniengine.block_manager import BlockManager
 from miniengine.config import EngineConfig
+from miniengine.extra_inputs import extra_input_specs, prepare_extra_inputs
 from miniengine.loader import load_model, open_checkpoint, resolve_dtype
 from miniengine.model_runner import ModelRunner, kv_cache_shape
 from miniengine.outputs import CompletionOutput, RequestOutput, StreamDelta, TextState
 from miniengine.platforms import resolve_platform
+from miniengine.plugins import load_general_plugins, load_stat_logger_plugins
 from miniengine.sampler import Sampler
 from miniengine.sampling_params import SamplingParams
 from miniengine.scheduler import Scheduler
@@ -59,10 +61,13 @@ class Engine:
     ) -> None:
         """Load `model` (None: the bundled SmolLM2) and size the KV cache; `options` are EngineConfig's fields.
 
-        `stat_loggers` receive every step's `StepStats` (default: one log line every few seconds).
+        `stat_loggers` receive every step's `StepStats` (default: one log line every few seconds), and so does
+        one logger from each stat-logger plugin.
         """
         self.config = config = EngineConfig(model=model, **options)
+        load_general_plugins()  # before any model is resolved: a plugin may register the architecture
         self.stat_loggers: list[StatLogger] = [LoggingStatLogger()] if stat_loggers is None else list(stat_loggers)
+        self.stat_loggers += load_stat_logger_plugins()
         self.platform = resolve_platform(config.device)
         self.platform.check_and_update_config(config)
         checkpoint = open_checkpoint(config.model)
@@ -74,6 +79,7 @@ class Engine:
         self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else set()
         self.sampler = Sampler(self.eos_token_ids, self.platform.device(), config.seed)
         self.runner = ModelRunner(model_obj, self.platform, self.dtype, config)
+        self.extra_input_specs = extra_input_specs(model_obj)
         num_blocks = config.num_kv_blocks or self._num_blocks_that_fit(model_obj)
         self.runner.allocate_kv_cache(num_blocks)
         self.max_model_len = config.resolve_max_model_len(checkpoint.config, num_blocks * config.block_size)
@@ -114,16 +120,18 @@ class Engine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
     ) -> str:
-        """Queue a prompt: text, token ids, or {"prompt": text} / {"prompt_token_ids": ids}."""
+        """Queue a prompt: text, token ids, or {"prompt": text} / {"prompt_token_ids": ids}, either dict with
+        "extra_inputs": {name: tensor} for models that take them (extra_inputs.py)."""
         params = params or SamplingParams()
         request_id = str(next(self._request_ids)) if request_id is None else request_id
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids = self._tokenize(prompt)
         self._check_prompt(ids)
+        extra = prepare_extra_inputs(self.extra_input_specs, prompt, ids, self.config.block_size)
         seqs: list[Sequence] = []
         for index in range(params.n):
-            seq = Sequence(next(self._seq_ids), request_id, list(ids), params, index)
+            seq = Sequence(next(self._seq_ids), request_id, list(ids), params, index, extra_inputs=extra)
             seq.first_sibling = seqs[0] if seqs else None
             seqs.append(seq)
         texts = [

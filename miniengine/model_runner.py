@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from miniengine.config import EngineConfig
+from miniengine.extra_inputs import dummy_extra_inputs, step_extra_inputs
 from miniengine.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from miniengine.models.layers import Attention
 from miniengine.platforms import Platform
@@ -106,9 +107,10 @@ class ModelRunner:
         self.graphs = None  # a CudaGraphRunner once captured
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        """The KV cache, uninitialised: a slot is always written before it is read."""
+        """The KV cache, zeroed: padded attention (the CPU's) reads unwritten slots under a mask, and garbage
+        there can be NaN, which a zero attention weight does not cancel (0 x NaN = NaN)."""
         shape = kv_cache_shape(self.model, num_blocks, self.block_size)
-        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(attention_layers(self.model)):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 
@@ -139,20 +141,20 @@ class ModelRunner:
         )
         return ids, pos, metadata, rows
 
-    def forward(self, step: StepInput) -> torch.Tensor:
-        """Hidden states of the rows to sample."""
-        if self.graphs is not None and self.graphs.can_run(step):
+    def forward(self, step: StepInput, extra: dict | None = None) -> torch.Tensor:
+        """Hidden states of the rows to sample; `extra`: the step's extra-input rows (extra_inputs.py)."""
+        if self.graphs is not None and self.graphs.can_run(step) and not extra:
             return self.graphs.run(step)
         input_ids, positions, metadata, rows = self.to_device(step)
         with set_forward_context(ForwardContext(metadata, self.kernels)):
-            hidden = self.model(input_ids, positions)
+            hidden = self.model(input_ids, positions, **(extra or {}))
         return hidden[rows]
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, sampler: Sampler) -> list[tuple[Sequence, SampleResult]]:
         """Forward the batch; sample for the sequences that reached their last token, in batch order."""
         step = prepare(batch, self.block_size)
-        hidden = self.forward(step)
+        hidden = self.forward(step, step_extra_inputs(self.model, batch, self.device))
         sampled = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
         if not sampled:
             return []
@@ -175,7 +177,7 @@ class ModelRunner:
             seq.block_table = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
         step = prepare(ScheduledBatch(seqs, lens), self.block_size)
         self.platform.reset_peak_memory()
-        hidden = self.forward(step)
+        hidden = self.forward(step, dummy_extra_inputs(self.model, len(step.input_ids), self.device))
         rows = hidden[torch.arange(max_num_seqs, device=self.device) % hidden.shape[0]]
         sampler(self.model.compute_logits(rows), [seqs[0]] * max_num_seqs)
         peak = self.platform.peak_memory()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from miniengine.sampling_params import SamplingParams
 
@@ -34,6 +35,9 @@ class Sequence:
     # A sibling of an n>1 request waits until the first sample's prompt is in the KV cache, then shares its
     # full prompt blocks through the prefix cache instead of computing them again.
     first_sibling: Sequence | None = None
+    # Tensors the model merges at placeholder tokens, with each prompt block's digest of them
+    # (a RequestExtraInputs: extra_inputs.py); None for plain token prompts.
+    extra_inputs: Any = None
     status: SequenceStatus = SequenceStatus.WAITING
     num_prompt_tokens: int = field(init=False)
     num_computed_tokens: int = 0  # tokens whose K/V are already in the cache
@@ -60,6 +64,11 @@ class Sequence:
     @property
     def prompt_token_ids(self) -> list[int]:
         return self.token_ids[: self.num_prompt_tokens]
+
+    def extra_key(self, block: int) -> bytes | None:
+        """Digest of the extra-input rows inside block number `block` (part of its prefix-cache key), or None."""
+        keys = self.extra_inputs.block_keys if self.extra_inputs is not None else ()
+        return keys[block] if block < len(keys) else None
 
     @property
     def is_finished(self) -> bool:
