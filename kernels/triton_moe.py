@@ -1,7 +1,7 @@
 """The experts of a MoE layer as two grouped GEMMs in Triton: one launch serves every expert at once.
 
-`align` (kernels/moe.py) sorts the (token, k) pairs by expert and pads each expert's group to BLOCK_M rows,
-so every tile of BLOCK_M rows belongs to one expert. E=4, top-2 of T=5 tokens, BLOCK_M=4 (pair = t*2 + j,
+The align step (kernels/moe.py has it in torch; here it is two small kernels) sorts the (token, k) pairs by
+expert and pads each expert's group to BLOCK_M rows, so every tile of BLOCK_M rows belongs to one expert. E=4, top-2 of T=5 tokens, BLOCK_M=4 (pair = t*2 + j,
 "-" is padding, 10 = T*k):
 
     sorted_ids    [ 0  3  6  - | 1  8  -  - | 2  4  5  9 | 7  -  -  - | ... ]   rows past num_padded unused
@@ -94,7 +94,8 @@ def _fit(tile: GemmTile, n: int, k: int) -> GemmTile:
     return GemmTile(cap(tile.block_n, n), cap(tile.block_k, k), tile.num_warps, tile.num_stages)
 
 
-@triton.jit
+# Sizes that change with the batch are not specialised on (divisible by 16 or not): no recompiles mid-serving.
+@triton.jit(do_not_specialize=["num_pairs", "num_tiles_m"])
 def _grouped_gemm(
     a_ptr,  # [rows, K]: x (gate_up, rows gathered by token) or h (down, rows in sorted order)
     b_ptr,  # [E, N or 2N, K]: w13 or w2
@@ -173,7 +174,7 @@ def _grouped_gemm(
         tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=real[:, None] & n_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_rows"])
 def _count_experts(ids_ptr, counts_ptr, sorted_ids_ptr, num_pairs, num_rows, BLOCK: tl.constexpr):
     """Pairs per expert (atomic adds); every row of sorted_ids starts as padding (num_pairs)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -183,7 +184,7 @@ def _count_experts(ids_ptr, counts_ptr, sorted_ids_ptr, num_pairs, num_rows, BLO
     tl.atomic_add(counts_ptr + experts, tl.full((BLOCK,), 1, tl.int32), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_tiles"])
 def _place_pairs(
     ids_ptr,
     counts_ptr,
