@@ -1,8 +1,8 @@
 """The experts of a MoE layer as two grouped GEMMs in Triton: one launch serves every expert at once.
 
 The align step (kernels/moe.py has it in torch; here it is two small kernels) sorts the (token, k) pairs by
-expert and pads each expert's group to BLOCK_M rows, so every tile of BLOCK_M rows belongs to one expert. E=4, top-2 of T=5 tokens, BLOCK_M=4 (pair = t*2 + j,
-"-" is padding, 10 = T*k):
+expert and pads each expert's group to BLOCK_M rows, so every tile of BLOCK_M rows belongs to one expert.
+E=4, top-2 of T=5 tokens, BLOCK_M=4 (pair = t*2 + j, "-" is padding, 10 = T*k):
 
     sorted_ids    [ 0  3  6  - | 1  8  -  - | 2  4  5  9 | 7  -  -  - | ... ]   rows past num_padded unused
     tile_experts  [     0      |     1      |     2      |     3      | ... ]   (expert 2 got 4 pairs, etc.)
