@@ -55,6 +55,7 @@ MODELS = {  # name: (experts, top_k, hidden, intermediate)
     "Mixtral-8x7B": (8, 2, 4096, 14336),
 }
 TOKENS = (16, 256, 4096)
+DEVICE = "cuda"
 
 
 def _time(fn, iters: int) -> float:
@@ -94,11 +95,11 @@ def grouped_mm_moe(x, w13, w2, topk_weights, topk_ids):
 
 def make_inputs(model: str, num_tokens: int, seed: int = 0):
     num_experts, top_k, hidden, inter = MODELS[model]
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    w13 = torch.randn(num_experts, 2 * inter, hidden, device="cuda", generator=g, dtype=torch.bfloat16) * hidden**-0.5
-    w2 = torch.randn(num_experts, hidden, inter, device="cuda", generator=g, dtype=torch.bfloat16) * inter**-0.5
-    x = torch.randn(num_tokens, hidden, device="cuda", generator=g, dtype=torch.bfloat16)
-    logits = torch.randn(num_tokens, num_experts, device="cuda", generator=g)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    w13 = torch.randn(num_experts, 2 * inter, hidden, device=DEVICE, generator=g, dtype=torch.bfloat16) * hidden**-0.5
+    w2 = torch.randn(num_experts, hidden, inter, device=DEVICE, generator=g, dtype=torch.bfloat16) * inter**-0.5
+    x = torch.randn(num_tokens, hidden, device=DEVICE, generator=g, dtype=torch.bfloat16)
+    logits = torch.randn(num_tokens, num_experts, device=DEVICE, generator=g)
     weights, ids = moe.route(logits, top_k, renormalize=True)
     return x, w13, w2, weights, ids
 
@@ -144,8 +145,8 @@ def sweep(args) -> None:
         best = None
         for block_m in (bm for bm in (16, 32, 64, 128) if min(64, rows / 4) <= bm <= max(16, 2 * rows)):
             aligned = tm.triton_align(ids, num_experts, block_m)
-            h = torch.empty(aligned[0].numel(), inter, dtype=x.dtype, device="cuda")
-            out = torch.empty(ids.numel(), hidden, dtype=x.dtype, device="cuda")
+            h = torch.empty(aligned[0].numel(), inter, dtype=x.dtype, device=DEVICE)
+            out = torch.empty(ids.numel(), hidden, dtype=x.dtype, device=DEVICE)
             gemms = {"gate_up": (x, w13, h), "down": (h, w2, out)}
             times: dict[str, list] = {"gate_up": [], "down": []}
             for tile, stage in product(sweep_tiles(block_m), gemms):
