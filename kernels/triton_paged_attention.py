@@ -62,10 +62,11 @@ class TileConfig:
 # keep ~64 KB in flight per program with two programs per SM. Prefill is compute-bound: 128 rows share each
 # K/V tile (32 tokens x 4 heads at GQA 4); 8 warps keep the fp32 accumulator at 64 registers a thread.
 # Mixed batches (mostly decodes plus a few chunks) take 64 rows: decode tiles waste half as much tensor-core
-# work as with 128, and stay bandwidth-bound. head_dim 256 halves the key tile to fit shared memory.
+# work as with 128, and stay bandwidth-bound. head_dim 256 halves a tile's keys (decode, mixed) or rows
+# (prefill), so K/V stages fit shared memory and the accumulator fits registers.
 TILE_CONFIGS: dict[str, dict[int, TileConfig]] = {
     "decode": {64: TileConfig(16, 128, 4, 3), 128: TileConfig(16, 64, 4, 3), 256: TileConfig(16, 32, 4, 3)},
-    "mixed": {64: TileConfig(64, 64, 4, 3), 128: TileConfig(64, 64, 4, 3), 256: TileConfig(64, 32, 4, 2)},
+    "mixed": {64: TileConfig(64, 64, 4, 3), 128: TileConfig(64, 64, 4, 3), 256: TileConfig(64, 32, 8, 2)},
     "prefill": {64: TileConfig(128, 64, 4, 3), 128: TileConfig(128, 64, 8, 3), 256: TileConfig(64, 64, 8, 2)},
 }
 
@@ -95,6 +96,38 @@ def choose_num_splits(num_tiles: int, num_kv_heads: int, max_seq_len: int, num_s
     programs = num_tiles * num_kv_heads
     wanted = -(-TARGET_PROGRAMS_PER_SM * num_sms // programs)
     return max(1, min(wanted, -(-max_seq_len // MIN_KEYS_PER_SPLIT), MAX_SPLITS))
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    config: TileConfig
+    block_m: int  # config.block_m, raised to hold one KV head's query heads
+    block_q: int  # query tokens per tile
+    num_tiles: int  # grid size over query tiles: an upper bound, spare tiles exit at once
+    num_splits: int
+
+
+def plan_launch(
+    num_tokens: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    metadata: PagedMetadata,
+    device: torch.device,
+    num_splits: int | None = None,
+    config: TileConfig | None = None,
+) -> LaunchPlan:
+    """Tile sizes and grid of a batch, from host integers only (so a captured graph stays valid)."""
+    num_seqs = metadata.seq_lens.shape[0]
+    group_pad = triton.next_power_of_2(num_heads // num_kv_heads)
+    config = config or tile_config(head_dim, num_tokens, num_seqs, metadata.max_query_len)
+    block_m = max(config.block_m, group_pad)
+    block_q = block_m // group_pad
+    if num_splits is None:
+        useful_tiles = num_seqs + (num_tokens - num_seqs) // block_q
+        num_splits = choose_num_splits(useful_tiles, num_kv_heads, metadata.max_seq_len, _num_sms(device))
+    # Sequence i owns tiles query_start_loc[i] // block_q + i onwards: at most this many in all.
+    return LaunchPlan(config, block_m, block_q, num_tokens // block_q + num_seqs, num_splits)
 
 
 def paged_attention(
@@ -131,16 +164,8 @@ def paged_attention(
         return out
 
     group = num_heads // num_kv_heads
-    group_pad = triton.next_power_of_2(group)
-    config = config or tile_config(head_dim, num_tokens, num_seqs, metadata.max_query_len)
-    block_m = max(config.block_m, group_pad)
-    block_q = block_m // group_pad
-    # Sequence i owns tiles query_start_loc[i] // block_q + i onwards: at most this many in all.
-    num_tiles = num_tokens // block_q + num_seqs
-    if num_splits is None:
-        useful_tiles = num_seqs + (num_tokens - num_seqs) // block_q
-        num_splits = choose_num_splits(useful_tiles, num_kv_heads, metadata.max_seq_len, _num_sms(query.device))
-
+    plan = plan_launch(num_tokens, num_heads, num_kv_heads, head_dim, metadata, query.device, num_splits, config)
+    num_splits = plan.num_splits
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if num_splits == 1:
         part_out = part_lse = out  # unused
@@ -148,7 +173,7 @@ def paged_attention(
         part_out = torch.empty(num_splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=out.device)
         part_lse = torch.empty(num_splits, num_tokens, num_heads, dtype=torch.float32, device=out.device)
     block_tables = metadata.block_tables
-    _paged_attention_kernel[(num_tiles, num_kv_heads, num_splits)](
+    _paged_attention_kernel[(plan.num_tiles, num_kv_heads, num_splits)](
         out, part_out, part_lse, query, k_cache, v_cache,
         block_tables, metadata.query_start_loc, metadata.seq_lens,
         scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
@@ -158,18 +183,20 @@ def paged_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), num_tokens * num_heads * head_dim,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=config.block_n,
+        GROUP=group, GROUP_PAD=triton.next_power_of_2(group), BLOCK_Q=plan.block_q, BLOCK_M=plan.block_m,
+        BLOCK_N=plan.config.block_n,
         BLOCK_SIZE=block_size, SPLIT=num_splits > 1,
         # triton 3.9's interpreter returns garbage from tl.dot on bf16 operands: there, dot in fp32.
         UPCAST_DOT=interpret and query.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=plan.config.num_warps, num_stages=plan.config.num_stages,
     )  # fmt: skip
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_kv_heads)](
             out, part_out, part_lse, num_splits, out.stride(0), out.stride(1),
             num_tokens * num_heads * head_dim, num_tokens * num_heads,
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), GROUP=group, GROUP_PAD=group_pad,
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), GROUP=group,
+            GROUP_PAD=triton.next_power_of_2(group),
         )  # fmt: skip
     return out
 
@@ -243,7 +270,7 @@ def _paged_attention_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     SPLIT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    tile = tl.program_id(0)
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)  # the last (longest) query tiles first: a shorter tail
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq = _find_sequence(query_start_loc_ptr, num_seqs, tile, BLOCK_Q)
