@@ -120,6 +120,7 @@ def _grouped_gemm(
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,  # "ieee" for float32 inputs: full fp32 products, not tf32 (fp32 is for parity)
 ):
     # Programs run GROUP_M tiles down one column of slabs before moving right: neighbouring tiles (mostly
     # the same expert) share the slab in L2.
@@ -155,12 +156,12 @@ def _grouped_gemm(
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if GATE_UP:
             b_up = tl.load(b_ptrs + N * stride_bn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if UPCAST:
                 b_up = b_up.to(tl.float32)
-            acc_up = tl.dot(a, b_up, acc_up)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
@@ -286,5 +287,6 @@ def _launch_gemm(a, b, c, weights, tiles, top_k: int, gate_up: bool, tile: GemmT
         a.stride(0), b.stride(0), b.stride(1), c.stride(0),
         TOP_K=top_k, GATE_UP=gate_up, BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         GROUP_M=config.group_m, EVEN_K=k % tile.block_k == 0, UPCAST=_INTERPRET and a.dtype == torch.bfloat16,
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip

@@ -32,22 +32,7 @@ from miniengine.kernels import moe
 from miniengine.kernels import triton_moe as tm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-try:
-    from roofline import gpu_copy_bandwidth, gpu_matmul_rate
-except ImportError:  # until bench/roofline.py has them: the same measurements, kept small
-
-    def gpu_copy_bandwidth(device: torch.device) -> float:
-        """Bytes/s of a 1 GiB device-to-device copy (read + write), best of 20."""
-        src = torch.empty(2**30, dtype=torch.uint8, device=device)
-        dst = torch.empty_like(src)
-        return 2 * src.numel() / (_time(lambda: dst.copy_(src), 20) / 1e6)
-
-    def gpu_matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
-        """FLOP/s of an 8192^3 matmul, best of 20."""
-        a = torch.randn(8192, 8192, device=device, dtype=dtype)
-        b = torch.randn(8192, 8192, device=device, dtype=dtype)
-        return 2 * 8192**3 / (_time(lambda: a @ b, 20) / 1e6)
-
+from roofline import gpu_copy_bandwidth, gpu_matmul_rate  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 MODELS = {  # name: (experts, top_k, hidden, intermediate)
@@ -56,20 +41,6 @@ MODELS = {  # name: (experts, top_k, hidden, intermediate)
 }
 TOKENS = (16, 256, 4096)
 DEVICE = "cuda"
-
-
-def _time(fn, iters: int) -> float:
-    """Best microseconds of `iters` runs, CUDA events around each."""
-    fn()
-    best = float("inf")
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3)
-    return best
 
 
 def bench_us(fn) -> float:
