@@ -1,8 +1,8 @@
 """The experts of a MoE layer as two grouped GEMMs in Triton: one launch serves every expert at once.
 
-`align` (kernels/moe.py) sorts the (token, k) pairs by expert and pads each expert's group to BLOCK_M rows,
-so every tile of BLOCK_M rows belongs to one expert. E=4, top-2 of T=5 tokens, BLOCK_M=4 (pair = t*2 + j,
-"-" is padding, 10 = T*k):
+The align step (kernels/moe.py has it in torch; here it is two small kernels) sorts the (token, k) pairs by
+expert and pads each expert's group to BLOCK_M rows, so every tile of BLOCK_M rows belongs to one expert.
+E=4, top-2 of T=5 tokens, BLOCK_M=4 (pair = t*2 + j, "-" is padding, 10 = T*k):
 
     sorted_ids    [ 0  3  6  - | 1  8  -  - | 2  4  5  9 | 7  -  -  - | ... ]   rows past num_padded unused
     tile_experts  [     0      |     1      |     2      |     3      | ... ]   (expert 2 got 4 pairs, etc.)
@@ -94,7 +94,8 @@ def _fit(tile: GemmTile, n: int, k: int) -> GemmTile:
     return GemmTile(cap(tile.block_n, n), cap(tile.block_k, k), tile.num_warps, tile.num_stages)
 
 
-@triton.jit
+# Sizes that change with the batch are not specialised on (divisible by 16 or not): no recompiles mid-serving.
+@triton.jit(do_not_specialize=["num_pairs", "num_tiles_m"])
 def _grouped_gemm(
     a_ptr,  # [rows, K]: x (gate_up, rows gathered by token) or h (down, rows in sorted order)
     b_ptr,  # [E, N or 2N, K]: w13 or w2
@@ -119,6 +120,7 @@ def _grouped_gemm(
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,  # "ieee" for float32 inputs: full fp32 products, not tf32 (fp32 is for parity)
 ):
     # Programs run GROUP_M tiles down one column of slabs before moving right: neighbouring tiles (mostly
     # the same expert) share the slab in L2.
@@ -154,12 +156,12 @@ def _grouped_gemm(
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if GATE_UP:
             b_up = tl.load(b_ptrs + N * stride_bn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if UPCAST:
                 b_up = b_up.to(tl.float32)
-            acc_up = tl.dot(a, b_up, acc_up)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
@@ -173,7 +175,7 @@ def _grouped_gemm(
         tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=real[:, None] & n_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_rows"])
 def _count_experts(ids_ptr, counts_ptr, sorted_ids_ptr, num_pairs, num_rows, BLOCK: tl.constexpr):
     """Pairs per expert (atomic adds); every row of sorted_ids starts as padding (num_pairs)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -183,7 +185,7 @@ def _count_experts(ids_ptr, counts_ptr, sorted_ids_ptr, num_pairs, num_rows, BLO
     tl.atomic_add(counts_ptr + experts, tl.full((BLOCK,), 1, tl.int32), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_tiles"])
 def _place_pairs(
     ids_ptr,
     counts_ptr,
@@ -285,5 +287,6 @@ def _launch_gemm(a, b, c, weights, tiles, top_k: int, gate_up: bool, tile: GemmT
         a.stride(0), b.stride(0), b.stride(1), c.stride(0),
         TOP_K=top_k, GATE_UP=gate_up, BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         GROUP_M=config.group_m, EVEN_K=k % tile.block_k == 0, UPCAST=_INTERPRET and a.dtype == torch.bfloat16,
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip

@@ -25,19 +25,38 @@ from miniengine.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaML
 
 
 class Experts(nn.Module):
-    """E gated MLPs as two stacked weights; `load_expert` fills one expert's projection from a checkpoint."""
+    """E gated MLPs as two stacked weights. `load` fills one expert's projection, or a whole fused stack,
+    and remembers what it filled, so that `missing` can name what a checkpoint left out."""
+
+    shards = {"gate_up_proj": 2, "down_proj": 1}  # gate_up_proj holds gate (shard 0) and up (shard 1)
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
         super().__init__()
         self.num_experts, self.intermediate = num_experts, intermediate
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        self.filled: set[tuple[str, int, int]] = set()  # (parameter, expert, shard)
 
-    def expert_slice(self, param: str, expert: int, shard: int) -> torch.Tensor:
-        """The rows of `param` ("gate_up_proj" or "down_proj") that expert `expert`'s shard occupies."""
-        if param == "down_proj":
-            return self.down_proj.data[expert]
-        return self.gate_up_proj.data[expert].narrow(0, shard * self.intermediate, self.intermediate)
+    def load(self, name: str, tensor: torch.Tensor, param: str, expert: int | None = None, shard: int = 0) -> None:
+        """Copy checkpoint tensor `name` into `param`: expert `expert`'s shard, or (None) every expert at once."""
+        if expert is None:
+            target = getattr(self, param).data
+            keys = {(param, e, s) for e in range(self.num_experts) for s in range(self.shards[param])}
+        elif expert >= self.num_experts:
+            raise ValueError(f"{name}: expert {expert}, but the model has {self.num_experts}")
+        else:
+            target = getattr(self, param).data[expert]
+            if param == "gate_up_proj":
+                target = target.narrow(0, shard * self.intermediate, self.intermediate)
+            keys = {(param, expert, shard)}
+        if target.shape != tensor.shape:
+            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(target.shape)}")
+        target.copy_(tensor)
+        self.filled |= keys
+
+    def missing(self) -> list[tuple[str, int, int]]:
+        everything = {(p, e, s) for p, n in self.shards.items() for e in range(self.num_experts) for s in range(n)}
+        return sorted(everything - self.filled, key=lambda key: (key[1], key[0] == "down_proj", key[2]))
 
 
 class SparseMoeBlock(nn.Module):
@@ -70,8 +89,8 @@ class MoeDecoderLayer(LlamaDecoderLayer):
         raise NotImplementedError
 
 
-# Matches a per-expert checkpoint tensor: (the layer's MoE module) .experts. (expert) . (projection) .weight
-_EXPERT_NAME = re.compile(r"^(?P<block>.+)\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
+# A per-expert checkpoint tensor: (the layer's experts module) . (expert) . (projection) .weight
+_EXPERT_NAME = re.compile(r"^(?P<module>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
 
 
 class MoeForCausalLM(LlamaForCausalLM):
@@ -101,61 +120,40 @@ class MoeForCausalLM(LlamaForCausalLM):
         return []
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Llama's loading, with the experts placed first: per-expert tensors into their stacked rows, fused
-        3-D tensors whole. Raises if any expert's projection is missing or misshapen."""
+        """Llama's loading, with expert tensors placed first (one per expert and projection, or fused 3-D
+        stacks); raises naming any expert projection the checkpoint lacks."""
         experts = {name: m for name, m in self.named_modules() if isinstance(m, Experts)}
-        filled: dict[str, set[tuple[int, int]]] = {
-            f"{name}.{p}": set() for name in experts for p in ("gate_up_proj", "down_proj")
-        }
-        loaded = super().load_weights(self._place_experts(weights, experts, filled))
-        missing = []
-        for param, done in filled.items():
-            module, _, stacked = param.rpartition(".")
-            shards = 2 if stacked == "gate_up_proj" else 1
-            wanted = {(e, s) for e in range(experts[module].num_experts) for s in range(shards)}
-            missing += [self._checkpoint_name(module, e, stacked, s) for e, s in sorted(wanted - done)]
-            if done >= wanted:
-                loaded.add(param)
+        loaded = super().load_weights(self._place_experts(weights, experts))
+        missing = [self._checkpoint_name(name, *key) for name, m in experts.items() for key in m.missing()]
         if missing:
-            raise ValueError(
-                f"the checkpoint lacks {len(missing)} expert weights: {', '.join(missing[:6])}"
-                f"{', ...' if len(missing) > 6 else ''}"
-            )
-        return loaded
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise ValueError(f"the checkpoint lacks expert weights {', '.join(missing[:5])}{more}")
+        return loaded | {f"{name}.{param}" for name in experts for param in Experts.shards}
 
     def _place_experts(
-        self, weights: Iterable[tuple[str, torch.Tensor]], experts: dict[str, Experts], filled: dict
+        self, weights: Iterable[tuple[str, torch.Tensor]], experts: dict[str, Experts]
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Copy expert tensors into the stacks (recording which (expert, shard) each filled); yield the rest."""
-        for name, tensor in weights:
+        """Copy expert tensors into the stacks; yield every other tensor (with our names) to Llama's loading."""
+        for checkpoint_name, tensor in weights:
+            name = checkpoint_name
             for old, new in self.renames.items():
                 name = name.replace(old, new)
+            module, _, param = name.rpartition(".")
             match = _EXPERT_NAME.match(name)
-            if match and match["proj"] in self.expert_projections and f"{match['block']}.experts" in experts:
-                module = f"{match['block']}.experts"
+            if match and match["module"] in experts and match["proj"] in self.expert_projections:
                 stacked, shard = self.expert_projections[match["proj"]]
-                expert = int(match["expert"])
-                if expert >= experts[module].num_experts:
-                    raise ValueError(f"{name}: expert {expert}, but the model has {experts[module].num_experts}")
-                _copy_checked(name, experts[module].expert_slice(stacked, expert, shard), tensor)
-                filled[f"{module}.{stacked}"].add((expert, shard))
-            elif name in filled:  # a fused [E, 2I, H] or [E, H, I] tensor, as transformers 5 may save
-                module, _, stacked = name.rpartition(".")
-                _copy_checked(name, getattr(experts[module], stacked).data, tensor)
-                shards = 2 if stacked == "gate_up_proj" else 1
-                filled[name].update((e, s) for e in range(experts[module].num_experts) for s in range(shards))
+                experts[match["module"]].load(checkpoint_name, tensor, stacked, int(match["expert"]), shard)
+            elif (
+                module in experts and param in Experts.shards
+            ):  # fused [E, 2I, H] / [E, H, I], as transformers 5 holds them
+                experts[module].load(checkpoint_name, tensor, param)
             else:
                 yield name, tensor
 
-    def _checkpoint_name(self, module: str, expert: int, stacked: str, shard: int) -> str:
-        proj = next(p for p, target in self.expert_projections.items() if target == (stacked, shard))
+    def _checkpoint_name(self, module: str, param: str, expert: int, shard: int) -> str:
+        """How the checkpoint names expert `expert`'s projection `shard` of `param`."""
+        proj = next(p for p, target in self.expert_projections.items() if target == (param, shard))
         name = f"{module}.{expert}.{proj}.weight"
         for old, new in self.renames.items():
             name = name.replace(new, old)
         return name
-
-
-def _copy_checked(name: str, target: torch.Tensor, tensor: torch.Tensor) -> None:
-    if target.shape != tensor.shape:
-        raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(target.shape)}")
-    target.copy_(tensor)

@@ -32,22 +32,7 @@ from miniengine.kernels import moe
 from miniengine.kernels import triton_moe as tm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-try:
-    from roofline import gpu_copy_bandwidth, gpu_matmul_rate
-except ImportError:  # until bench/roofline.py has them: the same measurements, kept small
-
-    def gpu_copy_bandwidth(device: torch.device) -> float:
-        """Bytes/s of a 1 GiB device-to-device copy (read + write), best of 20."""
-        src = torch.empty(2**30, dtype=torch.uint8, device=device)
-        dst = torch.empty_like(src)
-        return 2 * src.numel() / (_time(lambda: dst.copy_(src), 20) / 1e6)
-
-    def gpu_matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
-        """FLOP/s of an 8192^3 matmul, best of 20."""
-        a = torch.randn(8192, 8192, device=device, dtype=dtype)
-        b = torch.randn(8192, 8192, device=device, dtype=dtype)
-        return 2 * 8192**3 / (_time(lambda: a @ b, 20) / 1e6)
-
+from roofline import gpu_copy_bandwidth, gpu_matmul_rate  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 MODELS = {  # name: (experts, top_k, hidden, intermediate)
@@ -55,20 +40,7 @@ MODELS = {  # name: (experts, top_k, hidden, intermediate)
     "Mixtral-8x7B": (8, 2, 4096, 14336),
 }
 TOKENS = (16, 256, 4096)
-
-
-def _time(fn, iters: int) -> float:
-    """Best microseconds of `iters` runs, CUDA events around each."""
-    fn()
-    best = float("inf")
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3)
-    return best
+DEVICE = "cuda"
 
 
 def bench_us(fn) -> float:
@@ -94,11 +66,11 @@ def grouped_mm_moe(x, w13, w2, topk_weights, topk_ids):
 
 def make_inputs(model: str, num_tokens: int, seed: int = 0):
     num_experts, top_k, hidden, inter = MODELS[model]
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    w13 = torch.randn(num_experts, 2 * inter, hidden, device="cuda", generator=g, dtype=torch.bfloat16) * hidden**-0.5
-    w2 = torch.randn(num_experts, hidden, inter, device="cuda", generator=g, dtype=torch.bfloat16) * inter**-0.5
-    x = torch.randn(num_tokens, hidden, device="cuda", generator=g, dtype=torch.bfloat16)
-    logits = torch.randn(num_tokens, num_experts, device="cuda", generator=g)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    w13 = torch.randn(num_experts, 2 * inter, hidden, device=DEVICE, generator=g, dtype=torch.bfloat16) * hidden**-0.5
+    w2 = torch.randn(num_experts, hidden, inter, device=DEVICE, generator=g, dtype=torch.bfloat16) * inter**-0.5
+    x = torch.randn(num_tokens, hidden, device=DEVICE, generator=g, dtype=torch.bfloat16)
+    logits = torch.randn(num_tokens, num_experts, device=DEVICE, generator=g)
     weights, ids = moe.route(logits, top_k, renormalize=True)
     return x, w13, w2, weights, ids
 
@@ -144,8 +116,8 @@ def sweep(args) -> None:
         best = None
         for block_m in (bm for bm in (16, 32, 64, 128) if min(64, rows / 4) <= bm <= max(16, 2 * rows)):
             aligned = tm.triton_align(ids, num_experts, block_m)
-            h = torch.empty(aligned[0].numel(), inter, dtype=x.dtype, device="cuda")
-            out = torch.empty(ids.numel(), hidden, dtype=x.dtype, device="cuda")
+            h = torch.empty(aligned[0].numel(), inter, dtype=x.dtype, device=DEVICE)
+            out = torch.empty(ids.numel(), hidden, dtype=x.dtype, device=DEVICE)
             gemms = {"gate_up": (x, w13, h), "down": (h, w2, out)}
             times: dict[str, list] = {"gate_up": [], "down": []}
             for tile, stage in product(sweep_tiles(block_m), gemms):
