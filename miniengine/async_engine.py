@@ -1,9 +1,9 @@
 """AsyncEngine: the engine loop in a background thread; each request is an asyncio stream of its outputs.
 
-    asyncio tasks (any number)                      the engine thread (the only one that touches the Engine)
-    generate(prompt) --- add ----> commands --->  add_request / abort
-         ^                                        step() -> [RequestOutput, ...]
-         '--- the request's own queue <---------  each output routed by request id
+    asyncio tasks (any number)                         the engine thread (the only one that touches the Engine)
+    await add_request(prompt) -- add --> commands -->  Engine.add_request / abort
+    async for out in stream  <-- the request's own      Engine.step() -> [RequestOutput, ...]
+                                 queue <--------------  each output routed by request id
 
 Callers never wait on a step: `add` and `abort` are commands the engine thread runs between steps, so a
 request joins the very next batch. Each output goes to the stream of the request it names, and only
@@ -35,10 +35,34 @@ class EngineStoppedError(RuntimeError):
 
 
 @dataclass(eq=False)
-class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+class RequestStream:
+    """One request's outputs as they come (`async for out in stream`); `close()` aborts it if it still runs."""
+
+    _owner: AsyncEngine
+    _loop: asyncio.AbstractEventLoop
+    _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     request_id: str | None = None  # set by the engine thread once the engine took the request
+    finished: bool = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        while not self._queue.empty():  # fell behind: the newest output says it all
+            item = self._queue.get_nowait()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        self.finished = item.finished
+        return item
+
+    def close(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._owner._submit(lambda: self._owner._abort_stream(self), quiet=True)
 
 
 class AsyncEngine:
@@ -47,7 +71,7 @@ class AsyncEngine:
         self.engine = engine
         self.error: BaseException | None = None  # why the loop died, if it did
         self._commands: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._lock = threading.Lock()  # orders "refuse new requests" against "queue a command"
         self._refusing: str | None = None  # why new requests are refused
         self._pending: set[concurrent.futures.Future[str]] = set()  # adds queued, not yet run
@@ -57,31 +81,34 @@ class AsyncEngine:
 
     # ---- the asyncio side ----------------------------------------------------------------------------------
 
+    async def add_request(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> RequestStream:
+        """Queue a request once the engine took it; bad input raises here, as `Engine.add_request` would.
+
+        Raises `EngineStoppedError` if the loop takes no more requests. Close the stream if you stop
+        reading it before its last output: that aborts the request.
+        """
+        stream = RequestStream(self, asyncio.get_running_loop())
+        added: concurrent.futures.Future[str] = concurrent.futures.Future()
+        self._submit(lambda: self._add(stream, prompt, params, request_id, added), added=added)
+        try:
+            await asyncio.wrap_future(added)
+        except asyncio.CancelledError:
+            stream.close()
+            raise
+        return stream
+
     async def generate(
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        """Add a request and yield its outputs until the last (finished) one; leaving early aborts it.
-
-        Bad input raises here, as `Engine.add_request` would; `EngineStoppedError` if the loop takes no
-        more requests.
-        """
-        stream = _Stream(asyncio.get_running_loop())
-        added: concurrent.futures.Future[str] = concurrent.futures.Future()
-        self._submit(lambda: self._add(stream, prompt, params, request_id, added), added=added)
-        finished = False
+        """Add a request and yield its outputs until the last (finished) one; leaving early aborts it."""
+        stream = await self.add_request(prompt, params, request_id)
         try:
-            await asyncio.wrap_future(added)
-            while not finished:
-                item = await stream.queue.get()
-                while not stream.queue.empty():  # fell behind: the newest output says it all
-                    item = stream.queue.get_nowait()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
+            async for out in stream:
+                yield out
         finally:
-            if not finished:
-                self._submit(lambda: self._abort_stream(stream), quiet=True)
+            stream.close()
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its stream receives a last output with finish_reason "abort"."""
@@ -155,7 +182,7 @@ class AsyncEngine:
 
     def _add(
         self,
-        stream: _Stream,
+        stream: RequestStream,
         prompt: Prompt,
         params: SamplingParams | None,
         request_id: str | None,
@@ -173,20 +200,20 @@ class AsyncEngine:
         self._streams[stream.request_id] = stream
         added.set_result(stream.request_id)
 
-    def _abort_stream(self, stream: _Stream) -> None:
+    def _abort_stream(self, stream: RequestStream) -> None:
         # By identity: the caller's request_id may have been refused as a duplicate of someone else's.
         if stream.request_id is not None and self._streams.get(stream.request_id) is stream:
             self.engine.abort(stream.request_id)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, object]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, object]]] = {}
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:  # every request here came through `generate`; this one's stream was ended
                 continue
             if out.finished:
                 del self._streams[out.request_id]
-            by_loop.setdefault(stream.loop, []).append((stream, out))
+            by_loop.setdefault(stream._loop, []).append((stream, out))
         self._post(by_loop)
 
     def _end_streams(self, error: EngineStoppedError) -> None:
@@ -197,14 +224,14 @@ class AsyncEngine:
         for added in pending:
             if added.set_running_or_notify_cancel():
                 added.set_exception(error)
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, object]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, object]]] = {}
         for stream in self._streams.values():
-            by_loop.setdefault(stream.loop, []).append((stream, error))
+            by_loop.setdefault(stream._loop, []).append((stream, error))
         self._streams.clear()
         self._post(by_loop)
 
     @staticmethod
-    def _post(by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, object]]]) -> None:
+    def _post(by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, object]]]) -> None:
         """Hand items to their streams: one wake-up per event loop per step, not one per output."""
         for loop, items in by_loop.items():
             try:
@@ -213,6 +240,6 @@ class AsyncEngine:
                 pass
 
 
-def _put_all(items: list[tuple[_Stream, object]]) -> None:
+def _put_all(items: list[tuple[RequestStream, object]]) -> None:
     for stream, item in items:
-        stream.queue.put_nowait(item)
+        stream._queue.put_nowait(item)
