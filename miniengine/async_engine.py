@@ -159,15 +159,19 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while self._run_commands(block=not self.engine.has_unfinished()):
+                self._count_waiting()
                 if self.engine.has_unfinished():
                     self._deliver(self.engine.step())
-                self._num_waiting = len({s.request_id for s in self.engine.scheduler.waiting})
+                self._count_waiting()
             self._deliver(self.engine.step())  # the aborted requests' last outputs
             self._end_streams(EngineStoppedError("the engine was shut down"))
         except BaseException as error:
             logger.exception("the engine loop died")
             self.error = error
             self._end_streams(EngineStoppedError(f"the engine loop died: {type(error).__name__}: {error}"))
+
+    def _count_waiting(self) -> None:
+        self._num_waiting = len({s.request_id for s in self.engine.scheduler.waiting})
 
     def _run_commands(self, block: bool) -> bool:
         """Run every queued command (waiting for one if `block`); False once told to stop."""

@@ -49,9 +49,15 @@ def _errors(*codes: int) -> dict:
     return {code: {"model": ErrorResponse, "description": "an OpenAI-style error"} for code in codes}
 
 
+# Before OpenAPI 3.2, the schema of an event stream describes one event.
+_EVENT = {
+    "type": "object",
+    "properties": {"data": {"type": "string", "description": "one chunk as JSON, or [DONE] after the last"}},
+    "required": ["data"],
+}
 _SSE = {
     200: {
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "content": {"text/event-stream": {"schema": _EVENT}},
         "description": "the completion; with stream: true, server-sent events ending in `data: [DONE]`",
     }
 }
@@ -80,8 +86,11 @@ def build_app(async_engine: AsyncEngine, config: ServerConfig, metrics: Promethe
         if first.get("type") == "json_invalid":
             return APIError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}").response()
         where = [str(part) for part in first.get("loc", ()) if part != "body"]
-        message = f"{'.'.join(where) or 'body'}: {first.get('msg', 'invalid')}"
-        return APIError(400, message, where[0] if where else None).response()
+        param = where[0] if where else None
+        message = f"{param or 'body'}: {first.get('msg', 'invalid')}"
+        if sum(1 for e in error.errors() if e.get("loc", ())[1:2] == (param,)) > 1:
+            message += " (it may take one of several forms: none matched)"
+        return APIError(400, message, param).response()
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:

@@ -11,11 +11,23 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from miniengine.sampling_params import MAX_LOGPROBS, MAX_N
 
-TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+def _integral(value: object) -> object:
+    # JSON Schema counts 2.0 as an integer (and clients in some languages send whole numbers that way);
+    # 2.5, "2" and true are refused.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def Int(ge: int | None = None, le: int | None = None) -> type[int]:  # noqa: N802 (used as a type)
+    """An int in [ge, le]; the bounds come before the validator so that the JSON schema shows them."""
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_integral)]  # type: ignore[return-value]
+
+
+TokenId = Int(0, 2**31 - 1)
 NonEmptyText = Annotated[str, Field(min_length=1)]
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -33,20 +45,20 @@ class _Sampling(_Body):
     """The fields both endpoints share; see `SamplingParams` for what each does."""
 
     model: str | None = Field(None, description="the served model's name; omitted: the served model")
-    max_tokens: int | None = Field(None, ge=1, description="tokens to generate at most")
+    max_tokens: Int(1) | None = Field(None, description="tokens to generate at most")
     temperature: float = Field(1.0, ge=0, description="0 is greedy")
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(-1, ge=-1, le=2**31 - 1, description="-1 or 0 keeps every token")
+    top_k: Int(-1, 2**31 - 1) = Field(-1, description="-1 or 0 keeps every token")
     min_p: float = Field(0.0, ge=0, le=1)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     repetition_penalty: float = Field(1.0, gt=0)
     stop: NonEmptyText | list[NonEmptyText] | None = Field(None, description="strings that end a completion")
     stop_token_ids: list[TokenId] | None = None
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="the same seed, the same tokens")
-    n: int = Field(1, ge=1, le=MAX_N, description="completions of each prompt")
+    seed: Int(-(2**63), 2**64 - 1) | None = Field(None, description="the same seed, the same tokens")
+    n: Int(1, MAX_N) = Field(1, description="completions of each prompt")
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: Int(0) = 0
     skip_special_tokens: bool = True
     user: str | None = None
     stream: bool = False
@@ -55,13 +67,13 @@ class _Sampling(_Body):
 
 class CompletionRequest(_Sampling):
     prompt: (
-        str
-        | Annotated[list[str], Field(min_length=1)]
+        NonEmptyText
+        | Annotated[list[NonEmptyText], Field(min_length=1)]
         | Annotated[list[TokenId], Field(min_length=1)]
         | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
     ) = Field(description="a string, a list of strings, token ids, or a list of token-id lists")
     echo: bool = Field(False, description="put the prompt before each completion")
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="top-N log-probabilities per token")
+    logprobs: Int(0, MAX_LOGPROBS) | None = Field(None, description="top-N log-probabilities per token")
 
 
 class TextPart(_Body):
@@ -77,9 +89,9 @@ class ChatMessage(_Body):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
+    max_completion_tokens: Int(1) | None = Field(None, description="OpenAI's newer name for max_tokens")
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="needs logprobs: true")
+    top_logprobs: Int(0, MAX_LOGPROBS) | None = Field(None, description="needs logprobs: true")
 
 
 # ---- responses ---------------------------------------------------------------------------------------------
