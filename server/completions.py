@@ -162,22 +162,20 @@ class Job:
 
     async def events(self) -> AsyncIterator[str]:
         """The response as server-sent events; ends the requests if the client leaves mid-stream."""
-        n = self.params.n
-        sent_chars, sent_tokens = [0] * (n * len(self.prompts)), [0] * (n * len(self.prompts))
+        num_choices = self.params.n * len(self.prompts)
+        sent_chars, sent_tokens, done = [0] * num_choices, [0] * num_choices, [False] * num_choices
         try:
             if self.chat:
-                yield self._chunk(
-                    [
-                        ChatChunkChoice(index=k, delta=Delta(role="assistant", content=""))
-                        for k in range(n * len(self.prompts))
-                    ]
-                )
+                first = [
+                    ChatChunkChoice(index=k, delta=Delta(role="assistant", content="")) for k in range(num_choices)
+                ]
+                yield self._chunk(first)
             async for i, out in self.outputs():
                 choices = []
                 for c in out.outputs:
                     k = self._index(i, c)
                     text, new_tokens = c.text[sent_chars[k] :], c.token_ids[sent_tokens[k] :]
-                    if not (text or c.finished or (new_tokens and self.top_logprobs is not None)):
+                    if done[k] or not (text or c.finished or (new_tokens and self.top_logprobs is not None)):
                         continue
                     new_logprobs = c.logprobs[sent_tokens[k] :] if c.logprobs is not None else None
                     if self.chat:
@@ -189,7 +187,7 @@ class Job:
                             stop_reason=c.stop_reason,
                         )
                     else:
-                        prefix = self.echo[i] if self.echo and sent_tokens[k] == 0 else ""
+                        prefix = self.echo[i] if self.echo and sent_chars[k] == sent_tokens[k] == 0 else ""
                         choice = CompletionChoice(
                             index=k,
                             text=prefix + text,
@@ -198,7 +196,7 @@ class Job:
                             stop_reason=c.stop_reason,
                         )
                     choices.append(choice)
-                    sent_chars[k], sent_tokens[k] = len(c.text), len(c.token_ids)
+                    sent_chars[k], sent_tokens[k], done[k] = len(c.text), len(c.token_ids), c.finished
                 if choices:
                     yield self._chunk(choices)
             if self.include_usage:

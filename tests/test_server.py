@@ -81,6 +81,17 @@ def test_n_samples_of_several_prompts(client, model):
     assert all(c.finish_reason == "length" for c in out.choices)
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (5 + 4, 4 * 8)
     assert out.choices[0].text != out.choices[1].text  # two samples of one prompt
+    stream = client.completions.create(
+        model=model, prompt=[PROMPT, "Once upon a time"], n=2, max_tokens=8, temperature=1.0, seed=3,
+        extra_body={"ignore_eos": True}, stream=True,
+    )  # fmt: skip
+    texts, ends = {}, {}
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            ends.setdefault(c.index, []).extend([c.finish_reason] if c.finish_reason else [])
+    assert texts == {c.index: c.text for c in out.choices}  # seeded: the same samples, streamed
+    assert ends == {k: ["length"] for k in range(4)}  # each choice ends once
     tokens = client.completions.create(model=model, prompt=[[1, 2, 3], [4, 5]], max_tokens=4, temperature=0)
     assert len(tokens.choices) == 2 and tokens.usage.prompt_tokens == 5
 
