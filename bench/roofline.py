@@ -6,7 +6,8 @@ A decode step reads every weight once and the KV cache of every sequence so far,
 per token (one multiply-add per weight). A prefill step reads the weights once and does 2 * params FLOPs
 per prompt token, less the LM head for all but each sequence's last token (only sampled tokens need
 logits). Attention FLOPs, activations and K/V writes are left out, so the floor stays a lower bound.
-GPU peaks come from the spec sheets; CPU peaks are measured here, at bench time.
+GPU peaks come from the spec sheets, or are measured in the bench's own run (`gpu_copy_bandwidth`,
+`gpu_matmul_rate`); CPU peaks are measured here, at bench time.
 
     python bench/roofline.py            # prints the measured CPU peaks
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -126,6 +128,42 @@ def cpu_model() -> str:
     import platform
 
     return platform.processor() or "unknown CPU"
+
+
+# ---- measured GPU peaks ----------------------------------------------------------------------------------
+
+
+def _median_cuda_seconds(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm up: allocation, kernel selection
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def gpu_copy_bandwidth(device: torch.device | str = "cuda", mib: int = 2048, repeats: int = 20) -> float:
+    """Bytes/s of a large device-to-device copy, counted as read + write, the median of `repeats`.
+
+    The buffers dwarf the L2 cache, so this is the bandwidth of memory that a streaming kernel can reach.
+    """
+    src = torch.randint(0, 255, (mib * 2**20,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / _median_cuda_seconds(lambda: dst.copy_(src), repeats)
+
+
+def gpu_matmul_rate(
+    device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfloat16, size: int = 8192, repeats: int = 20
+) -> float:
+    """FLOP/s of a large square matmul of random data (2 * size^3 FLOPs), the median of `repeats`."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    return 2 * size**3 / _median_cuda_seconds(lambda: torch.matmul(a, b, out=out), repeats)
 
 
 # ---- the workload ----------------------------------------------------------------------------------------

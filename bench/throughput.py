@@ -9,6 +9,7 @@ what the hardware allows.
     python bench/throughput.py                                   # 32 prompts x 128 tokens
     python bench/throughput.py --num-prompts 8 --max-tokens 16   # a quick check
     python bench/throughput.py --skip-hf                         # miniengine alone
+    python bench/throughput.py --preset qwen3-0.6b               # a real model shape on the GPU (offline.py)
 
 Writes bench/results/throughput-cpu-<date>.json (or --out).
 """
@@ -96,9 +97,9 @@ class StepTimer:
         step, run = engine.step, engine.runner.run
         current: dict = {}
 
-        def timed_run(batch):
+        def timed_run(batch, *args):
             start = time.perf_counter()
-            out = run(batch)
+            out = run(batch, *args)
             current.update(run_s=time.perf_counter() - start, seqs=len(batch.seqs), tokens=batch.num_tokens)
             return out
 
@@ -273,6 +274,10 @@ def print_table(result: dict) -> None:
 
 
 def main() -> None:
+    if "--preset" in sys.argv:  # the GPU workload on a real model shape lives in offline.py
+        from offline import main as offline_main
+
+        return offline_main()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=128)

@@ -75,14 +75,16 @@ class Engine:
         self.tokenizer = checkpoint.tokenizer
         self.dtype = resolve_dtype(config.dtype, checkpoint.config, self.platform.default_dtype())
         model_obj = load_model(checkpoint, self.platform.device(), self.dtype, config.load_format, config.seed)
-        num_blocks = config.num_kv_blocks or self._num_blocks_that_fit(model_obj)
-        capacity = num_blocks * config.block_size
-        self.max_model_len = config.resolve_max_model_len(checkpoint.config, capacity)
         self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else set()
+        self.sampler = Sampler(self.eos_token_ids, self.platform.device(), config.seed)
+        self.runner = ModelRunner(model_obj, self.platform, self.dtype, config)
+        num_blocks = config.num_kv_blocks or self._num_blocks_that_fit(model_obj)
+        self.runner.allocate_kv_cache(num_blocks)
+        self.max_model_len = config.resolve_max_model_len(checkpoint.config, num_blocks * config.block_size)
+        if self.platform.supports_graphs:
+            self.runner.capture_graphs(config.max_num_seqs, self.max_model_len, capture=not config.enforce_eager)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        sampler = Sampler(self.eos_token_ids, self.platform.device(), config.seed)
-        self.runner = ModelRunner(model_obj, self.platform, self.dtype, num_blocks, config.block_size, sampler)
         self._requests: dict[str, _Request] = {}
         self._finished: list[RequestStats] = []  # requests finished this step, for the stat loggers
         self._seq_ids = itertools.count()
@@ -91,13 +93,22 @@ class Engine:
         self._held: dict[str, RequestOutput] = {}
 
     def _num_blocks_that_fit(self, model: torch.nn.Module) -> int:
+        """As many KV blocks as the platform's memory budget holds, after a profiling run of a full step."""
+        config = self.config
         model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        budget = self.platform.kv_cache_bytes(self.config, model_bytes, profile=lambda: model_bytes)
-        shape = kv_cache_shape(model, 1, self.config.block_size)
+        longest = config.max_model_len or getattr(self.hf_config, "max_position_embeddings", None) or 4096
+
+        def profile() -> int:
+            return self.runner.profile(config.max_num_batched_tokens, config.max_num_seqs, longest, self.sampler)
+
+        budget = self.platform.kv_cache_bytes(config, model_bytes, profile)
+        shape = kv_cache_shape(model, 1, config.block_size)
         per_block = torch.Size(shape).numel() * self.dtype.itemsize
         if budget < per_block:
             raise MemoryError(
-                f"no room for a single KV block ({per_block:,} bytes): free memory or lower the model size"
+                f"no room for a single KV block ({per_block:,} bytes) after the weights ({model_bytes / 2**30:.2f} "
+                "GiB) and a full step's activations: raise --gpu-memory-utilization, lower "
+                "--max-num-batched-tokens, or use a smaller model"
             )
         return budget // per_block
 
@@ -227,7 +238,7 @@ class Engine:
         )
         sampled = []
         if batch.seqs:
-            sampled = self.runner.run(batch)
+            sampled = self.runner.run(batch, self.sampler)
             self.scheduler.step_done(batch)
         now = time.monotonic()
         ttft, itl = [], []
@@ -291,7 +302,7 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
-        self.runner.sampler.forget(seq)
+        self.sampler.forget(seq)
 
     def _output(self, request: _Request) -> RequestOutput:
         outputs = [

@@ -100,8 +100,9 @@ class GGUFCheckpoint:
     path: str
     reader: GGUFReader = field(repr=False)
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (HF name, float32 tensor in HF shape), dequantizing one tensor at a time."""
+    def weights(self, device: torch.device | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (HF name, float32 host tensor in HF shape), dequantizing one tensor at a time (the model's
+        `load_weights` casts each into its parameter on the device, so no whole fp32 copy is ever held)."""
         permuted = self.config["model_type"] == "llama"
         heads = {"attn_q": self.config["num_attention_heads"], "attn_k": self.config["num_key_value_heads"]}
         for t in self.reader.tensors:

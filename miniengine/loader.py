@@ -31,7 +31,7 @@ class Checkpoint:
     path: str
     config: SimpleNamespace  # the Hugging Face config, attribute access
     tokenizer: Tokenizer | None
-    weights: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+    weights: Callable[[torch.device], Iterator[tuple[str, torch.Tensor]]]  # (name, tensor), one at a time
 
 
 def default_model() -> str:
@@ -64,7 +64,7 @@ def open_checkpoint(model: str | None) -> Checkpoint:
     gen_file = path / "generation_config.json"
     generation = json.loads(gen_file.read_text()) if gen_file.exists() else {}
     tokenizer = Tokenizer.from_dir(path, _eos_ids(config, generation))
-    return Checkpoint(str(path), config, tokenizer, lambda: _safetensors_weights(path))
+    return Checkpoint(str(path), config, tokenizer, lambda device: _safetensors_weights(path, device))
 
 
 def _eos_ids(config: SimpleNamespace, generation: dict) -> set[int]:
@@ -77,7 +77,8 @@ def _eos_ids(config: SimpleNamespace, generation: dict) -> set[int]:
     return ids
 
 
-def _safetensors_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _safetensors_weights(path: Path, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor read straight onto `device` (a GPU run never holds the checkpoint in host memory)."""
     index = path / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -86,7 +87,7 @@ def _safetensors_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     if not files:
         raise ModelNotFoundError(f"{path} has no *.safetensors weights (pickled .bin checkpoints are not loaded)")
     for name in files:
-        with safe_open(str(path / name), framework="pt") as f:
+        with safe_open(str(path / name), framework="pt", device=str(device)) as f:
             for key in f.keys():
                 yield key, f.get_tensor(key)
 
@@ -122,7 +123,7 @@ def load_model(
     if load_format == "dummy":
         fill_dummy_weights(model, seed)
     else:
-        loaded = model.load_weights(checkpoint.weights())
+        loaded = model.load_weights(checkpoint.weights(device))
         missing = {name for name, _ in model.named_parameters()} - loaded
         if missing:
             raise ValueError(f"{checkpoint.path} lacks weights for {sorted(missing)[:5]} ({len(missing)} in all)")
@@ -130,11 +131,13 @@ def load_model(
 
 
 def fill_dummy_weights(model: nn.Module, seed: int, scale: float = 0.05) -> None:
-    """Seeded uniform(-scale, scale) weights; norm weights stay 1 so activations keep their size."""
-    generator = torch.Generator().manual_seed(seed)
+    """Seeded uniform(-scale, scale) weights, drawn on the weights' own device; norm weights stay 1 so
+    activations keep their size."""
+    generators: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
                 continue
-            values = torch.rand(param.shape, generator=generator, dtype=torch.float32) * 2 * scale - scale
-            param.copy_(values.to(param.dtype))
+            if param.device not in generators:
+                generators[param.device] = torch.Generator(param.device).manual_seed(seed)
+            param.uniform_(-scale, scale, generator=generators[param.device])

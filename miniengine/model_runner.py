@@ -7,94 +7,177 @@ attention layer holding views of its own slice) and turns the scheduler's batch 
     input_ids       [a0 a1 a2 a3  b9  c4 c5]
     positions       [ 0  1  2  3   9   4  5]
     slot_mapping    slot of each token: block_table[pos // B] * B + pos % B
-    query_start_loc [0, 4, 5, 7]     seq_lens [4, 10, 6]     block_tables padded to the longest
+    query_start_loc [0, 4, 5, 7]     seq_lens [4, 10, 6]     block_tables padded to the widest
     logits of       a3 and b9 (C has prompt left, so nothing is sampled for it yet)
 
-The same runner serves every platform: only the attention backend in the forward context differs.
+`prepare` builds these on the host with numpy (no per-token Python loop: at 256 sequences it is on the
+critical path), and `execute` ships them in one host-to-device copy, runs the model and samples. A pure
+decode step on a GPU replays a captured CUDA graph instead (`cuda_graph.py`). The same runner serves every
+platform: only the kernels in the forward context differ.
 """
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch import nn
 
+from miniengine.config import EngineConfig
 from miniengine.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from miniengine.models.layers import Attention
 from miniengine.platforms import Platform
 from miniengine.sampler import Sampler, SampleResult
+from miniengine.sampling_params import SamplingParams
 from miniengine.scheduler import ScheduledBatch
 from miniengine.sequence import Sequence
 
 
+def attention_layers(model: nn.Module) -> list[Attention]:
+    return [m for m in model.modules() if isinstance(m, Attention)]
+
+
 def kv_cache_shape(model: nn.Module, num_blocks: int, block_size: int) -> tuple[int, ...]:
-    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    layers = attention_layers(model)
     return (2, len(layers), num_blocks, block_size, layers[0].num_kv_heads, layers[0].head_dim)
 
 
+@dataclass(slots=True)
+class StepInput:
+    """One step's flat batch on the host (int64 numpy arrays): everything a forward pass needs."""
+
+    input_ids: np.ndarray  # [T]
+    positions: np.ndarray  # [T]
+    slot_mapping: np.ndarray  # [T]
+    query_start_loc: np.ndarray  # [S + 1]
+    seq_lens: np.ndarray  # [S]
+    block_tables: np.ndarray  # [S, widest block table]
+    sample_rows: np.ndarray  # [N]: the flat rows whose logits are sampled
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def is_decode(self) -> bool:
+        return self.max_query_len == 1
+
+
+def prepare(batch: ScheduledBatch, block_size: int) -> StepInput:
+    seqs = batch.seqs
+    num_new = np.array(batch.num_new_tokens, dtype=np.int64)
+    begins = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, len(seqs))
+    starts = np.zeros(len(seqs) + 1, dtype=np.int64)
+    np.cumsum(num_new, out=starts[1:])
+    num_tokens = int(starts[-1])
+    ids = itertools.chain.from_iterable(s.token_ids[b : b + n] for s, b, n in zip(seqs, begins.tolist(), num_new))
+    input_ids = np.fromiter(ids, np.int64, num_tokens)
+    owner = np.repeat(np.arange(len(seqs)), num_new)  # which sequence each flat token belongs to
+    positions = np.arange(num_tokens) - starts[owner] + begins[owner]
+    # Block tables padded with 0 to the widest, filled by one scatter of all tables concatenated.
+    widths = np.fromiter((len(s.block_table) for s in seqs), np.int64, len(seqs))
+    tables = np.zeros((len(seqs), int(widths.max())), dtype=np.int64)
+    row = np.repeat(np.arange(len(seqs)), widths)
+    column = np.arange(int(widths.sum())) - np.repeat(np.cumsum(widths) - widths, widths)
+    tables[row, column] = np.fromiter(itertools.chain.from_iterable(s.block_table for s in seqs), np.int64)
+    slots = tables[owner, positions // block_size] * block_size + positions % block_size
+    seq_lens = begins + num_new
+    sampled = np.array([batch.samples(i) for i in range(len(seqs))], dtype=bool)
+    return StepInput(
+        input_ids, positions, slots, starts, seq_lens, tables, starts[1:][sampled] - 1,
+        max_query_len=int(num_new.max()), max_seq_len=int(seq_lens.max()),
+    )  # fmt: skip
+
+
 class ModelRunner:
-    def __init__(
-        self,
-        model: nn.Module,
-        platform: Platform,
-        dtype: torch.dtype,
-        num_blocks: int,
-        block_size: int,
-        sampler: Sampler,
-    ) -> None:
+    def __init__(self, model: nn.Module, platform: Platform, dtype: torch.dtype, config: EngineConfig) -> None:
         self.model = model
         self.platform = platform
         self.device = platform.device()
-        self.block_size = block_size
-        self.sampler = sampler
+        self.dtype = dtype
+        self.config = config
+        self.block_size = config.block_size
         self.kernels = platform.kernels()
-        self.kv_cache = torch.zeros(kv_cache_shape(model, num_blocks, block_size), dtype=dtype, device=self.device)
-        layers = [m for m in model.modules() if isinstance(m, Attention)]
-        for i, layer in enumerate(layers):
+        self.kv_cache = torch.empty(0)
+        self.graphs = None  # a CudaGraphRunner once captured
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """The KV cache, uninitialised: a slot is always written before it is read."""
+        shape = kv_cache_shape(self.model, num_blocks, self.block_size)
+        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(attention_layers(self.model)):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        starts = [0]
-        seq_lens: list[int] = []
-        sample_at: list[int] = []  # index, in the flat batch, of the token whose logits are sampled
-        size = self.block_size
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            begin, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            input_ids += seq.token_ids[begin:end]
-            positions += range(begin, end)
-            slots += [seq.block_table[p // size] * size + p % size for p in range(begin, end)]
-            starts.append(starts[-1] + n)
-            seq_lens.append(end)
-            if batch.samples(i):
-                sample_at.append(starts[-1] - 1)
-        width = max(len(seq.block_table) for seq in batch.seqs)
-        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in batch.seqs]
+    def capture_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool = True) -> None:
+        """Decode steps of up to `max_num_seqs` sequences replay CUDA graphs (`capture=False`: run the same
+        padded steps eagerly)."""
+        from miniengine.cuda_graph import CudaGraphRunner
 
-        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+        self.graphs = CudaGraphRunner(self, max_num_seqs, max_model_len, capture)
 
+    def to_device(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """input_ids, positions, metadata and sample rows on the device, copied in one transfer."""
+        parts = [step.input_ids, step.positions, step.slot_mapping, step.query_start_loc, step.seq_lens,
+                 step.sample_rows, step.block_tables.ravel()]  # fmt: skip
+        flat = torch.from_numpy(np.concatenate(parts))
+        if self.device.type != "cpu":
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        ids, pos, slots, starts, lens, rows, tables = flat.split([len(p) for p in parts])
         metadata = AttentionMetadata(
-            slot_mapping=tensor(slots, torch.int64),
-            block_tables=tensor(tables, torch.int32),
-            query_start_loc=tensor(starts, torch.int32),
-            seq_lens=tensor(seq_lens, torch.int32),
-            max_query_len=max(batch.num_new_tokens),
-            max_seq_len=max(seq_lens),
-            query_start_loc_host=starts,
-            seq_lens_host=seq_lens,
+            slot_mapping=slots,
+            block_tables=tables.view(step.block_tables.shape),
+            query_start_loc=starts,
+            seq_lens=lens,
+            max_query_len=step.max_query_len,
+            max_seq_len=step.max_seq_len,
+            query_start_loc_host=step.query_start_loc.tolist(),
+            seq_lens_host=step.seq_lens.tolist(),
         )
-        return tensor(input_ids, torch.int64), tensor(positions, torch.int64), metadata, sample_at
+        return ids, pos, metadata, rows
 
-    @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[tuple[Sequence, SampleResult]]:
-        """Forward the batch; sample for the sequences that reached their last token, in batch order."""
-        input_ids, positions, metadata, sample_at = self.prepare(batch)
+    def forward(self, step: StepInput) -> torch.Tensor:
+        """Hidden states of the rows to sample."""
+        if self.graphs is not None and self.graphs.can_run(step):
+            return self.graphs.run(step)
+        input_ids, positions, metadata, rows = self.to_device(step)
         with set_forward_context(ForwardContext(metadata, self.kernels)):
             hidden = self.model(input_ids, positions)
-        if not sample_at:
-            return []
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_at, device=self.device)])
+        return hidden[rows]
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch, sampler: Sampler) -> list[tuple[Sequence, SampleResult]]:
+        """Forward the batch; sample for the sequences that reached their last token, in batch order."""
+        step = prepare(batch, self.block_size)
+        hidden = self.forward(step)
         sampled = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
-        return list(zip(sampled, self.sampler(logits, sampled)))
+        if not sampled:
+            return []
+        logits = self.model.compute_logits(hidden)
+        return list(zip(sampled, sampler(logits, sampled)))
+
+    @torch.inference_mode()
+    def profile(self, num_tokens: int, max_num_seqs: int, max_model_len: int, sampler: Sampler) -> int:
+        """Run a forward pass of a full step (`num_tokens` prompt tokens) and sample `max_num_seqs` rows;
+        returns the peak bytes the device held meanwhile, less the scratch KV cache this needed."""
+        seq_len = min(num_tokens, max_model_len - 1)
+        num_seqs = -(-num_tokens // seq_len)
+        blocks_per_seq = -(-seq_len // self.block_size)
+        self.allocate_kv_cache(num_seqs * blocks_per_seq)
+        cache_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
+        lens = [min(seq_len, num_tokens - i * seq_len) for i in range(num_seqs)]
+        params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, logprobs=5)  # the costliest sampling path
+        seqs = [Sequence(-1 - i, "profile", [0] * n, params) for i, n in enumerate(lens)]
+        for i, seq in enumerate(seqs):
+            seq.block_table = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
+        step = prepare(ScheduledBatch(seqs, lens), self.block_size)
+        self.platform.reset_peak_memory()
+        hidden = self.forward(step)
+        rows = hidden[torch.arange(max_num_seqs, device=self.device) % hidden.shape[0]]
+        sampler(self.model.compute_logits(rows), [seqs[0]] * max_num_seqs)
+        peak = self.platform.peak_memory()
+        self.kv_cache = torch.empty(0)
+        return peak - cache_bytes

@@ -19,6 +19,9 @@ _BUILTIN = {
     "MistralForCausalLM": "miniengine.models.llama:LlamaForCausalLM",
     "Qwen2ForCausalLM": "miniengine.models.qwen2:Qwen2ForCausalLM",
     "Qwen3ForCausalLM": "miniengine.models.qwen3:Qwen3ForCausalLM",
+    "Qwen2MoeForCausalLM": "miniengine.models.qwen2_moe:Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM": "miniengine.models.qwen3_moe:Qwen3MoeForCausalLM",
+    "MixtralForCausalLM": "miniengine.models.mixtral:MixtralForCausalLM",
 }
 
 

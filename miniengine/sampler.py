@@ -7,12 +7,18 @@
 The draw uses the "exponential race": argmax(p / E) with E ~ Exp(1) picks token i with probability p_i.
 Each seeded sequence draws its E from its own torch.Generator, so its tokens do not depend on what else is
 in the batch; unseeded sequences share the engine's generator.
+
+Everything runs where the logits are (the GPU, on CUDA). Which filters a step needs is decided from the
+requests' parameters on the host, never by looking at device values, and the sampled ids and log-probs
+come back in one transfer: the one point per step where the host waits for the device.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from miniengine.sequence import Sequence
@@ -38,7 +44,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
         logits = logits.float()
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
+        num_logprobs = [s.params.logprobs for s in seqs]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(n is not None for n in num_logprobs) else None
         logits = self._apply_penalties(logits, seqs)
         logits = self._hide_stop_tokens(logits, seqs)
         token_ids = logits.argmax(dim=-1)
@@ -46,59 +53,83 @@ class Sampler:
         if random_rows:
             rows = torch.tensor(random_rows, device=logits.device)
             token_ids[rows] = self._draw(logits[rows], [seqs[i] for i in random_rows])
-        token_list = token_ids.tolist()
-        results = [SampleResult(t) for t in token_list]
-        if raw_logprobs is not None:
-            for i, seq in enumerate(seqs):
-                if seq.params.logprobs is not None:
-                    results[i].logprobs = _top_logprobs(raw_logprobs[i], token_list[i], seq.params.logprobs)
+        if raw_logprobs is None:
+            return [SampleResult(t) for t in token_ids.tolist()]
+        # One transfer: ids, the sampled token's log-prob and the top-N, as float64 (exact for token ids).
+        top = max(n or 0 for n in num_logprobs)
+        values, ids = raw_logprobs.topk(top, dim=-1) if top else (logits[:, :0], token_ids[:, None][:, :0])
+        chosen = raw_logprobs.gather(1, token_ids[:, None])
+        packed = torch.cat([token_ids[:, None].double(), chosen.double(), ids.double(), values.double()], dim=1)
+        results = []
+        for row, n in zip(packed.tolist(), num_logprobs):
+            token = int(row[0])
+            logprobs = None
+            if n is not None:
+                logprobs = {token: row[1]}
+                logprobs.update(zip(map(int, row[2 : 2 + n]), row[2 + top : 2 + top + n]))
+            results.append(SampleResult(token, logprobs))
         return results
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         p = [s.params for s in seqs]
         if all(x.repetition_penalty == 1 and x.presence_penalty == 0 and x.frequency_penalty == 0 for x in p):
             return logits
-        vocab = logits.shape[1]
+        vocab, device = logits.shape[1], logits.device
+
+        def flat(token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+            """(row, token) index pairs of every token of every list, tokens past the vocabulary dropped."""
+            rows = np.repeat(np.arange(len(token_lists)), [len(t) for t in token_lists])
+            tokens = np.fromiter(itertools.chain.from_iterable(token_lists), np.int64, len(rows))
+            keep = tokens < vocab
+            return torch.from_numpy(rows[keep]).to(device), torch.from_numpy(tokens[keep]).to(device)
+
         counts = torch.zeros_like(logits)  # occurrences of each token in the output so far
+        out_rows, out_tokens = flat([s.output_token_ids for s in seqs])
+        counts.index_put_((out_rows, out_tokens), torch.ones_like(out_tokens, dtype=logits.dtype), accumulate=True)
         seen = torch.zeros_like(logits, dtype=torch.bool)  # in prompt or output
-        for i, seq in enumerate(seqs):
-            out = torch.tensor([t for t in seq.output_token_ids if t < vocab], dtype=torch.long, device=logits.device)
-            counts[i].index_add_(0, out, torch.ones_like(out, dtype=logits.dtype))
-            seen[i, [t for t in seq.token_ids if t < vocab]] = True
-        rep = torch.tensor([x.repetition_penalty for x in p], device=logits.device)[:, None]
+        seen[flat([s.token_ids for s in seqs])] = True
+        rep = torch.tensor([x.repetition_penalty for x in p], device=device)[:, None]
         # HF's rule: shrink a seen token's logit towards "less likely" whichever its sign.
         penalised = torch.where(logits > 0, logits / rep, logits * rep)
         logits = torch.where(seen, penalised, logits)
-        freq = torch.tensor([x.frequency_penalty for x in p], device=logits.device)[:, None]
-        pres = torch.tensor([x.presence_penalty for x in p], device=logits.device)[:, None]
+        freq = torch.tensor([x.frequency_penalty for x in p], device=device)[:, None]
+        pres = torch.tensor([x.presence_penalty for x in p], device=device)[:, None]
         return logits - freq * counts - pres * (counts > 0).to(logits.dtype)
 
     def _hide_stop_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        rows, tokens = [], []
         for i, seq in enumerate(seqs):
             if seq.num_output_tokens < seq.params.min_tokens:
                 hidden = seq.params.stop_token_ids + ([] if seq.params.ignore_eos else self.eos_token_ids)
-                logits[i, [t for t in hidden if t < logits.shape[1]]] = float("-inf")
+                kept = [t for t in hidden if t < logits.shape[1]]
+                rows += [i] * len(kept)
+                tokens += kept
+        if rows:
+            logits[torch.tensor(rows, device=logits.device), torch.tensor(tokens, device=logits.device)] = -torch.inf
         return logits
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        device = logits.device
-        logits = logits / torch.tensor([s.params.temperature for s in seqs], device=device)[:, None]
-        top_k = torch.tensor([s.params.top_k if s.params.top_k > 0 else logits.shape[1] for s in seqs], device=device)
-        top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
-        if (top_k < logits.shape[1]).any() or (top_p < 1).any():
-            logits = _top_k_top_p(logits, top_k, top_p)
+        device, vocab = logits.device, logits.shape[1]
+        params = [s.params for s in seqs]
+        logits = logits / torch.tensor([p.temperature for p in params], device=device)[:, None]
+        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        if any(k < vocab for k in top_k) or any(p.top_p < 1 for p in params):
+            top_p = torch.tensor([p.top_p for p in params], device=device)
+            logits = _top_k_top_p(logits, torch.tensor(top_k, device=device), top_p)
         probs = logits.softmax(dim=-1)
-        min_p = torch.tensor([s.params.min_p for s in seqs], device=device)
-        if (min_p > 0).any():
+        if any(p.min_p > 0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], device=device)
             probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0)
         race = torch.empty_like(probs)
+        shared = [i for i, p in enumerate(params) if p.seed is None]
+        if shared:  # unseeded rows draw together from the engine's generator
+            race[shared] = torch.empty(len(shared), vocab, device=device).exponential_(generator=self.generator)
         for i, seq in enumerate(seqs):
-            race[i].exponential_(generator=self._generator(seq))
+            if seq.params.seed is not None:
+                race[i].exponential_(generator=self._generator(seq))
         return (probs / race).argmax(dim=-1)
 
     def _generator(self, seq: Sequence) -> torch.Generator:
-        if seq.params.seed is None:
-            return self.generator
         gen = self.seq_generators.get(seq.seq_id)
         if gen is None:
             # The n samples of one seeded request must differ from each other, reproducibly.
@@ -116,11 +147,3 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the better tokens; the best is always kept
     drop |= mass_before >= top_p[:, None]
     return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-
-
-def _top_logprobs(logprobs: torch.Tensor, token_id: int, n: int) -> dict[int, float]:
-    out = {token_id: logprobs[token_id].item()}
-    if n > 0:
-        values, ids = logprobs.topk(n)
-        out.update(zip(ids.tolist(), values.tolist()))
-    return out

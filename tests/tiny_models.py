@@ -67,3 +67,31 @@ def hf_greedy(directory: Path, prompts: list[list[int]], max_tokens: int) -> lis
             )
         outs.append(gen[0, len(ids) :].tolist())
     return outs
+
+
+# Mixture-of-experts models: few small experts, so every expert gets tokens in some steps and none in others.
+# Qwen3-MoE keeps layer 1 dense (mlp_only_layers) and renormalises its top-3; Qwen2-MoE adds a shared expert.
+CONFIGS.update(
+    qwen3_moe=dict(
+        _SHAPE,
+        model_type="qwen3_moe",
+        num_hidden_layers=3,
+        head_dim=32,
+        num_experts=8,
+        num_experts_per_tok=3,
+        moe_intermediate_size=48,
+        norm_topk_prob=True,
+        mlp_only_layers=[1],
+        tie_word_embeddings=False,
+    ),
+    mixtral=dict(_SHAPE, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False),
+    qwen2_moe=dict(
+        _SHAPE,
+        model_type="qwen2_moe",
+        num_experts=6,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=96,
+        tie_word_embeddings=False,
+    ),
+)

@@ -9,11 +9,15 @@ import importlib
 
 from miniengine.platforms.interface import Platform
 
-_BUILTIN = {"cpu": "miniengine.platforms.cpu:CpuPlatform"}
+_BUILTIN = {"cuda": "miniengine.platforms.cuda:CudaPlatform", "cpu": "miniengine.platforms.cpu:CpuPlatform"}
 
 
 def resolve_platform(device: str = "auto") -> Platform:
-    name = "cpu" if device == "auto" else device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = device
     if name not in _BUILTIN:
         raise ValueError(f"device {device!r} is not supported: choose one of auto, {', '.join(_BUILTIN)}")
     module_name, _, class_name = _BUILTIN[name].partition(":")

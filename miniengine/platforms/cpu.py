@@ -9,6 +9,7 @@ import torch
 
 from miniengine.config import EngineConfig
 from miniengine.forward_context import Kernels
+from miniengine.kernels import moe
 from miniengine.kernels.paged_attention import paged_attention_sdpa, store_kv
 from miniengine.platforms.interface import Platform
 
@@ -28,7 +29,7 @@ class CpuPlatform(Platform):
         return True
 
     def kernels(self) -> Kernels:
-        return Kernels("torch", store_kv, paged_attention_sdpa)
+        return Kernels("torch", store_kv, paged_attention_sdpa, fused_moe=moe.fused_moe)
 
     def memory_info(self) -> tuple[int, int]:
         page = os.sysconf("SC_PAGE_SIZE")

@@ -30,7 +30,8 @@ class Platform:
         """True when this platform's hardware is present (auto-detection asks every platform)."""
         return False
 
-    def device(self, local_rank: int = 0) -> torch.device:
+    def device(self) -> torch.device:
+        """This process's device (after `set_device`, for a tensor parallel worker)."""
         return torch.device(self.device_type)
 
     def set_device(self, local_rank: int) -> None:
@@ -50,6 +51,13 @@ class Platform:
         """Bytes the KV cache may take. `profile()` runs a forward pass of a full step's batch and returns
         the peak bytes the device held meanwhile (weights included); platforms that measure memory call it."""
         raise NotImplementedError
+
+    def reset_peak_memory(self) -> None:
+        """Start counting the peak of device memory held by torch (for `profile`)."""
+
+    def peak_memory(self) -> int:
+        """Peak bytes torch held on the device since `reset_peak_memory` (0 where not measured)."""
+        return 0
 
     def check_and_update_config(self, config: EngineConfig) -> None:
         """Adjust settings this device cannot honour (block size, graphs), saying why; called early."""

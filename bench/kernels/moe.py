@@ -1,0 +1,249 @@
+"""The experts of a MoE layer on the GPU: our Triton grouped GEMM against torch._grouped_mm and a per-expert loop.
+
+For Qwen3-30B-A3B (E=128, top-8, hidden 2048, expert intermediate 768) and Mixtral-8x7B (E=8, top-2, hidden
+4096, intermediate 14336) at 16, 256 and 4096 tokens, with random router logits (routing is given, not timed):
+gate_up -> SiLU * up -> down -> routing weights -> sum over k, bf16. The floor of a row is
+
+    max(bytes of the experts the batch hits, read once / copy bandwidth,  2 * T * k * 3 * H * I / matmul rate)
+
+with bandwidth and matmul rate measured in the same run (bench/roofline.py). `ratio_to_floor` is floor time /
+measured time (1.0 is the hardware limit); `speedup_vs_grouped_mm` is torch._grouped_mm's time / ours.
+
+    python bench/kernels/moe.py          # checks outputs, then the table; writes bench/results/moe-<device>-<date>.json
+    python bench/kernels/moe.py --sweep  # times tile configs per shape and prints the best of each
+    python bench/kernels/moe.py --sweep --models Mixtral-8x7B --tokens 4096   # one shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from functools import partial
+from itertools import product
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from miniengine.kernels import moe
+from miniengine.kernels import triton_moe as tm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+try:
+    from roofline import gpu_copy_bandwidth, gpu_matmul_rate
+except ImportError:  # until bench/roofline.py has them: the same measurements, kept small
+
+    def gpu_copy_bandwidth(device: torch.device) -> float:
+        """Bytes/s of a 1 GiB device-to-device copy (read + write), best of 20."""
+        src = torch.empty(2**30, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        return 2 * src.numel() / (_time(lambda: dst.copy_(src), 20) / 1e6)
+
+    def gpu_matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+        """FLOP/s of an 8192^3 matmul, best of 20."""
+        a = torch.randn(8192, 8192, device=device, dtype=dtype)
+        b = torch.randn(8192, 8192, device=device, dtype=dtype)
+        return 2 * 8192**3 / (_time(lambda: a @ b, 20) / 1e6)
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+MODELS = {  # name: (experts, top_k, hidden, intermediate)
+    "Qwen3-30B-A3B": (128, 8, 2048, 768),
+    "Mixtral-8x7B": (8, 2, 4096, 14336),
+}
+TOKENS = (16, 256, 4096)
+
+
+def _time(fn, iters: int) -> float:
+    """Best microseconds of `iters` runs, CUDA events around each."""
+    fn()
+    best = float("inf")
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e3)
+    return best
+
+
+def bench_us(fn) -> float:
+    """Median microseconds, L2 flushed before each run (triton.testing.do_bench)."""
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
+
+
+def grouped_mm_moe(x, w13, w2, topk_weights, topk_ids):
+    """The same computation through torch._grouped_mm: sort pairs by expert, two grouped GEMMs, un-sort, sum."""
+    num_tokens, top_k = topk_ids.shape
+    flat = topk_ids.flatten()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(w13.shape[0], dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = counts.cumsum(0, dtype=torch.int32)  # where each expert's rows end
+    gate_up = torch._grouped_mm(x[order // top_k], w13.transpose(1, 2), offs=offs)
+    gate, up = gate_up.chunk(2, dim=-1)
+    y = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)
+    out = torch.empty_like(y)
+    out[order] = y * topk_weights.flatten()[order, None].to(y.dtype)
+    return out.view(num_tokens, top_k, -1).sum(dim=1)
+
+
+def make_inputs(model: str, num_tokens: int, seed: int = 0):
+    num_experts, top_k, hidden, inter = MODELS[model]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w13 = torch.randn(num_experts, 2 * inter, hidden, device="cuda", generator=g, dtype=torch.bfloat16) * hidden**-0.5
+    w2 = torch.randn(num_experts, hidden, inter, device="cuda", generator=g, dtype=torch.bfloat16) * inter**-0.5
+    x = torch.randn(num_tokens, hidden, device="cuda", generator=g, dtype=torch.bfloat16)
+    logits = torch.randn(num_tokens, num_experts, device="cuda", generator=g)
+    weights, ids = moe.route(logits, top_k, renormalize=True)
+    return x, w13, w2, weights, ids
+
+
+def floor_us(row: dict, bandwidth: float, rate: float) -> tuple[float, str]:
+    """The row's floor: the experts it hits read once, or its FLOPs at the matmul rate, whichever is longer."""
+    weight_s = row["experts_hit"] * 3 * row["hidden"] * row["intermediate"] * 2 / bandwidth
+    flops_s = 2 * row["tokens"] * row["top_k"] * 3 * row["hidden"] * row["intermediate"] / rate
+    return 1e6 * max(weight_s, flops_s), "memory" if weight_s >= flops_s else "compute"
+
+
+def shapes(args) -> list[tuple[str, int]]:
+    return [(m, t) for m, t in product(MODELS, TOKENS) if m in args.models and t in args.tokens]
+
+
+def check(args) -> None:
+    """Both fast paths against the per-expert loop in float32, every shape."""
+    for model, num_tokens in shapes(args):
+        x, w13, w2, weights, ids = make_inputs(model, num_tokens)
+        expected = moe.fused_moe(x.float(), w13.float(), w2.float(), weights, ids)
+        scale = expected.abs().max().item()
+        for name, fn in (("ours", tm.fused_moe), ("grouped_mm", grouped_mm_moe)):
+            err = (fn(x, w13, w2, weights, ids).float() - expected).abs().max().item() / scale
+            print(f"check {model:14} T={num_tokens:5} {name:10} max error / max |out| = {err:.2e}")
+            if err > 3e-2:
+                raise SystemExit(f"{name} is wrong at {model} T={num_tokens}: relative error {err:.2e}")
+
+
+def sweep_tiles(block_m: int) -> list:
+    """Candidates: deep K chunks and narrow columns for the memory-bound small tiles, wider tiles otherwise."""
+    if block_m <= 32:
+        return [tm.GemmTile(n, k, 4, s) for n, k, s in product((32, 64, 128), (128, 256), (3, 4))]
+    return [tm.GemmTile(n, k, w, s) for n, k, w, s in product((64, 128), (64, 128), (4, 8), (3, 4))]
+
+
+def sweep(args) -> None:
+    """For each shape and BLOCK_M, the fastest tile of each GEMM alone; prints the best MoeConfig per shape."""
+    for model, num_tokens in shapes(args):
+        num_experts, top_k, hidden, inter = MODELS[model]
+        inputs = make_inputs(model, num_tokens)
+        x, w13, w2, weights, ids = inputs
+        rows = num_tokens * top_k / num_experts  # per expert, on average
+        best = None
+        for block_m in (bm for bm in (16, 32, 64, 128) if min(64, rows / 4) <= bm <= max(16, 2 * rows)):
+            aligned = tm.triton_align(ids, num_experts, block_m)
+            h = torch.empty(aligned[0].numel(), inter, dtype=x.dtype, device="cuda")
+            out = torch.empty(ids.numel(), hidden, dtype=x.dtype, device="cuda")
+            gemms = {"gate_up": (x, w13, h), "down": (h, w2, out)}
+            times: dict[str, list] = {"gate_up": [], "down": []}
+            for tile, stage in product(sweep_tiles(block_m), gemms):
+                config = tm.MoeConfig(block_m, tile, tile)
+                args = (*gemms[stage], weights.flatten().float(), aligned, top_k, stage == "gate_up", tile, config)
+                try:
+                    times[stage].append((bench_us(partial(tm._launch_gemm, *args)), repr(tile), tile))
+                except triton.runtime.errors.OutOfResources:
+                    continue
+            (t1, _, tile1), (t2, _, tile2) = min(times["gate_up"]), min(times["down"])
+            candidate = tm.MoeConfig(block_m, tile1, tile2)
+            total = bench_us(partial(tm.fused_moe, *inputs, candidate))
+            print(f"  {model} T={num_tokens} BLOCK_M={block_m}: gate_up {t1:.1f} + down {t2:.1f}, all {total:.1f} us")
+            if best is None or total < best[0]:
+                best = (total, candidate)
+        table = bench_us(partial(tm.fused_moe, *inputs))
+        print(f"best {model} T={num_tokens} ({rows:g} rows/expert): {best[0]:.1f} us (table {table:.1f}) {best[1]}")
+
+
+def device_tag(name: str) -> str:
+    for tag in ("h200", "h100", "a100", "l40s"):
+        if tag in name.lower():
+            return tag
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="time tile configs per shape, print the best")
+    parser.add_argument("--skip-check", action="store_true", help="skip comparing outputs first")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--tokens", nargs="+", type=int, choices=TOKENS, default=list(TOKENS))
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU")
+    device = torch.device("cuda")
+    if not args.skip_check:
+        check(args)
+    if args.sweep:
+        sweep(args)
+        return
+    peaks = [(gpu_copy_bandwidth(device), gpu_matmul_rate(device, torch.bfloat16))]
+    rows = []
+    for model, num_tokens in shapes(args):
+        inputs = make_inputs(model, num_tokens)
+        ids = inputs[-1]
+        num_experts, top_k, hidden, inter = MODELS[model]
+        ours = bench_us(partial(tm.fused_moe, *inputs))
+        grouped = bench_us(partial(grouped_mm_moe, *inputs))
+        loop = bench_us(partial(moe.fused_moe, *inputs))
+        config = tm.pick_config(num_tokens, hidden, inter, num_experts, top_k)
+        rows.append(
+            dict(
+                model=model, tokens=num_tokens, experts=num_experts, top_k=top_k, hidden=hidden, intermediate=inter,
+                experts_hit=ids.unique().numel(), ours_us=ours, grouped_mm_us=grouped, loop_us=loop,
+                speedup_vs_grouped_mm=grouped / ours, config=repr(config),
+            )
+        )  # fmt: skip
+    # Measured again after the timings: a floor uses the best rate reached.
+    peaks.append((gpu_copy_bandwidth(device), gpu_matmul_rate(device, torch.bfloat16)))
+    bandwidth, rate = max(p[0] for p in peaks), max(p[1] for p in peaks)
+    for row in rows:
+        row["floor_us"], row["floor_bound"] = floor_us(row, bandwidth, rate)
+        row["ratio_to_floor"] = row["floor_us"] / row["ours_us"]
+        row["grouped_mm_ratio_to_floor"] = row["floor_us"] / row["grouped_mm_us"]
+
+    name = torch.cuda.get_device_name(device)
+    print(f"\n{name}: copy bandwidth {bandwidth / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s")
+    print(f"{'model':14} {'T':>5} {'hit':>4} {'floor us':>9} {'bound':>7} {'ours us':>8} {'grp_mm us':>9} "
+          f"{'loop us':>9} {'ours/floor':>10} {'grp/floor':>9} {'speedup':>8}")  # fmt: skip
+    for r in rows:
+        print(
+            f"{r['model']:14} {r['tokens']:5} {r['experts_hit']:4} {r['floor_us']:9.1f} {r['floor_bound']:>7} "
+            f"{r['ours_us']:8.1f} {r['grouped_mm_us']:9.1f} {r['loop_us']:9.1f} {r['ratio_to_floor']:10.2f} "
+            f"{r['grouped_mm_ratio_to_floor']:9.2f} {r['speedup_vs_grouped_mm']:8.2f}"
+        )
+    result = {
+        "benchmark": "MoE experts (gate_up, SiLU*up, down, routing weights, sum over k), bf16",
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "device": name,
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda},
+        "roofline": {
+            "copy_bandwidth_bytes_per_s": bandwidth,
+            "bf16_matmul_flops": rate,
+            "measured": [{"copy_bandwidth_bytes_per_s": b, "bf16_matmul_flops": f} for b, f in peaks],
+            "floor": "max(bytes of the experts hit / bandwidth, 2*T*k*3*H*I / matmul rate)",
+            "ratio_to_floor": "floor time / measured time (1.0 is the hardware limit)",
+        },
+        "timing": "triton.testing.do_bench median, L2 flushed before each run; ours includes the align step",
+        "rows": rows,
+    }
+    out = args.out or RESULTS / f"moe-{device_tag(name)}-{result['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

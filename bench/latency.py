@@ -1,0 +1,130 @@
+"""Single-sequence latency on the GPU: ms per output token, beside the weight-read floor and transformers.
+
+    python bench/latency.py                          # Qwen3-0.6B and Llama-3-8B shapes, random weights
+    python bench/latency.py --presets qwen3-0.6b --tensor-parallel-size 2
+
+One request: a 512-token prompt of random ids, 128 tokens out (greedy, ignore_eos). ms/token counts the decode
+steps only (first token to last), so prefill is not in it. The floor of a decode step is reading every weight
+and the KV cache so far once, at the copy bandwidth measured in this run; `ratio_to_floor` = floor / measured.
+transformers' eager `generate` on the same config (its own random weights) is timed the same way: (time for
+128 tokens - time for 1 token) / 127. Writes bench/results/latency-<gpu>-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from presets import hf_config, model_dir  # noqa: E402
+from roofline import ModelSpec, gpu_copy_bandwidth  # noqa: E402
+
+from miniengine import Engine, SamplingParams  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def ours(name: str, prompt: list[int], out_len: int, tp: int) -> tuple[float, float, Engine]:
+    directory = model_dir(name, Path(tempfile.mkdtemp()))
+    options = dict(load_format="dummy", max_num_seqs=8, max_model_len=4096, stat_loggers=[])
+    if tp > 1:
+        options["tensor_parallel_size"] = tp
+    engine = Engine(str(directory), **options)
+    params = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True)
+    engine.generate(prompt, params, use_tqdm=False)  # warm-up
+    best = float("inf")
+    for _ in range(3):
+        times = []
+        engine.reset_prefix_cache()
+        for _ in engine.stream(prompt, params):
+            times.append(time.perf_counter())
+        best = min(best, (times[-1] - times[0]) / (len(times) - 1))
+    return best, times[0], engine
+
+
+@torch.inference_mode()
+def transformers_ms(name: str, prompt: list[int], out_len: int) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(hf_config(name), dtype=torch.bfloat16).cuda().eval()
+    ids = torch.tensor([prompt], device="cuda")
+
+    def run(n: int, model=model) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                       pad_token_id=0)  # fmt: skip
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    run(4)
+    per_token = min(run(out_len) - run(1) for _ in range(2)) / (out_len - 1)
+    del model
+    torch.cuda.empty_cache()
+    return per_token
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["qwen3-0.6b", "llama-3-8b"])
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    bandwidth = gpu_copy_bandwidth(torch.device("cuda"))
+    rows = []
+    for name in args.presets:
+        prompt = [random.Random(0).randrange(1000, 30000) for _ in range(args.prompt_len)]
+        per_token, _, engine = ours(name, prompt, args.output_len, args.tensor_parallel_size)
+        spec = ModelSpec.from_model(engine.runner.model, engine.hf_config, engine.dtype)
+        del engine
+        torch.cuda.empty_cache()
+        mean_context = args.prompt_len + args.output_len / 2
+        # With tensor parallelism each GPU reads its shard; the floor is one GPU's share of the bytes.
+        floor = (spec.weight_bytes + mean_context * spec.kv_bytes_per_token) / bandwidth / args.tensor_parallel_size
+        row = {"preset": name, "ms_per_token": 1e3 * per_token, "floor_ms": 1e3 * floor,
+               "ratio_to_floor": floor / per_token, "tensor_parallel_size": args.tensor_parallel_size}  # fmt: skip
+        if not args.skip_hf:
+            row["transformers_ms_per_token"] = 1e3 * transformers_ms(name, prompt, args.output_len)
+        rows.append(row)
+        print(row)
+    result = {
+        "benchmark": "single-sequence decode latency",
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "device": torch.cuda.get_device_name(),
+        "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__},
+        "settings": {
+            "prompt_len": args.prompt_len,
+            "output_len": args.output_len,
+            "dtype": "bfloat16",
+            "weights": "random (load_format=dummy)",
+        },  # fmt: skip
+        "measured_copy_bandwidth_bytes_per_s": bandwidth,
+        "rows": rows,
+    }
+    print(f"{'preset':14} {'ms/token':>9} {'floor ms':>9} {'ratio':>6} {'transformers ms':>16}")
+    for r in rows:
+        hf = r.get("transformers_ms_per_token")
+        print(f"{r['preset']:14} {r['ms_per_token']:9.3f} {r['floor_ms']:9.3f} {r['ratio_to_floor']:6.2f} "
+              f"{'' if hf is None else f'{hf:16.2f}'}")  # fmt: skip
+    gpu = result["device"].replace("NVIDIA ", "").split()[0].lower()
+    tp = f"-tp{args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
+    out = args.out or RESULTS / f"latency{tp}-{gpu}-{result['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The small per-token ops of a transformer layer in Triton, each one launch with no host sync, so CUDA
+graphs capture them; same signatures and results as their references in `fused_ops.py`.
+
+    rms_norm      one program per row: (x + residual) -> new residual, then w * x / rms(x)
+    rotary        one program per token: every q and k head's two halves rotated in place
+    silu_and_mul  one program per (token, column block): silu(gate) * up
+
+Each computes in float32 and rounds where the reference rounds (after the residual add, before the weight,
+after silu), so results agree with torch to the last bit or one rounding step.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dim of x ([T, H], or [T, heads, D] as Qwen3's q/k norm); with `residual`
+    ([T, H]), first add it and also return the sum (the next residual)."""
+    if x.dim() not in (2, 3) or x.shape[-1] != weight.shape[0]:
+        raise ValueError(f"rms_norm takes x [T, H] or [T, heads, D] with D = {weight.shape[0]}, got {tuple(x.shape)}")
+    if residual is not None and (residual.shape != x.shape or x.dim() != 2):
+        raise ValueError(f"residual {tuple(residual.shape)} must be [T, H] like x {tuple(x.shape)}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    size = x.shape[-1]
+    heads = x.shape[1] if x.dim() == 3 else 1
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    new_residual = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else out
+    rows = x.shape[0] * heads
+    if rows:
+        _rms_norm_kernel[(rows,)](
+            x, weight, out, residual if residual is not None else x, new_residual, eps, size, heads,
+            x.stride(0), x.stride(1) if x.dim() == 3 else 0,
+            residual.stride(0) if residual is not None else 0,
+            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(size),
+            num_warps=min(8, max(1, triton.next_power_of_2(size) // 256)),
+        )  # fmt: skip
+    return out if residual is None else (out, new_residual)
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, w_ptr, out_ptr, res_ptr, new_res_ptr, eps, size, heads, stride_xt, stride_xh, stride_rt,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < size
+    token = row // heads
+    x = tl.load(x_ptr + token * stride_xt + (row % heads) * stride_xh + cols, mask=ok, other=0.0)
+    if HAS_RESIDUAL:
+        x = (x.to(tl.float32) + tl.load(res_ptr + token * stride_rt + cols, mask=ok, other=0.0).to(tl.float32)).to(
+            x.dtype
+        )
+        tl.store(new_res_ptr + row * size + cols, x, mask=ok)
+    h = x.to(tl.float32)
+    h = h * tl.math.rsqrt(tl.sum(h * h, 0) / size + eps)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * size + cols, (w * h.to(x.dtype).to(tl.float32)).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def rotary(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [T, Hq, D] and k [T, Hkv, D] in place by the angles of their positions [T]
+    (cos, sin: [max_pos, D/2]), "neox" layout; returns q and k."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if k.shape[0] != num_tokens or k.shape[2] != head_dim or head_dim % 2 or cos.shape[-1] * 2 != head_dim:
+        raise ValueError(
+            f"rotary takes q [T, Hq, D], k [T, Hkv, D], cos/sin [max_pos, D/2]: got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(cos.shape)}"
+        )
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError("rotary rotates in place: q and k must be contiguous in head_dim")
+    if num_tokens:
+        half = head_dim // 2
+        _rotary_kernel[(num_tokens,)](
+            positions, q, k, cos.contiguous(), sin.contiguous(), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            HALF=half, HALF_PAD=triton.next_power_of_2(half), NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
+            HEADS_PAD=triton.next_power_of_2(max(num_heads, num_kv_heads)),
+        )  # fmt: skip
+    return q, k
+
+
+@triton.jit
+def _rotate_heads(
+    ptr, stride_h, c, s, NUM: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, HEADS_PAD: tl.constexpr
+):
+    heads = tl.arange(0, HEADS_PAD)[:, None]
+    cols = tl.arange(0, HALF_PAD)[None, :]
+    mask = (heads < NUM) & (cols < HALF)
+    first = ptr + heads * stride_h + cols
+    x1 = tl.load(first, mask=mask, other=0.0)
+    x2 = tl.load(first + HALF, mask=mask, other=0.0)
+    a, b = x1.to(tl.float32), x2.to(tl.float32)
+    tl.store(first, (a * c - b * s).to(x1.dtype), mask=mask)
+    tl.store(first + HALF, (b * c + a * s).to(x1.dtype), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    pos_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+):  # fmt: skip
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + token).to(tl.int64)
+    cols = tl.arange(0, HALF_PAD)
+    c = tl.load(cos_ptr + pos * HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
+    s = tl.load(sin_ptr + pos * HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
+    _rotate_heads(q_ptr + token * stride_qt, stride_qh, c, s, NUM_HEADS, HALF, HALF_PAD, HEADS_PAD)
+    _rotate_heads(k_ptr + token * stride_kt, stride_kh, c, s, NUM_KV_HEADS, HALF, HALF_PAD, HEADS_PAD)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[..., 2I] -> silu(gate) * up, [..., I] (gate the first half, up the second)."""
+    if x.shape[-1] % 2:
+        raise ValueError(f"silu_and_mul needs an even last dim (gate | up), got {tuple(x.shape)}")
+    size = x.shape[-1] // 2
+    rows = x.reshape(-1, 2 * size)
+    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+    out = torch.empty(rows.shape[0], size, dtype=x.dtype, device=x.device)
+    block = min(1024, triton.next_power_of_2(size))
+    if out.numel():
+        _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(size, block))](rows, out, size, rows.stride(0), BLOCK=block)
+    return out.view(*x.shape[:-1], size)
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, size, stride_xt, BLOCK: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < size
+    gate = tl.load(x_ptr + token * stride_xt + cols, mask=ok, other=0.0)
+    up = tl.load(x_ptr + token * stride_xt + size + cols, mask=ok, other=0.0)
+    g = gate.to(tl.float32)
+    silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype)  # rounded, as F.silu returns it, before the product
+    tl.store(out_ptr + token * size + cols, (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=ok)

@@ -1,0 +1,289 @@
+"""The experts of a MoE layer as two grouped GEMMs in Triton: one launch serves every expert at once.
+
+`align` (kernels/moe.py) sorts the (token, k) pairs by expert and pads each expert's group to BLOCK_M rows,
+so every tile of BLOCK_M rows belongs to one expert. E=4, top-2 of T=5 tokens, BLOCK_M=4 (pair = t*2 + j,
+"-" is padding, 10 = T*k):
+
+    sorted_ids    [ 0  3  6  - | 1  8  -  - | 2  4  5  9 | 7  -  -  - | ... ]   rows past num_padded unused
+    tile_experts  [     0      |     1      |     2      |     3      | ... ]   (expert 2 got 4 pairs, etc.)
+
+Each program takes one (tile, BLOCK_N columns) pair: it reads its tile's rows of activations and a
+BLOCK_N-wide slab of its expert's weights, and writes BLOCK_M x BLOCK_N outputs. Tiles of the same expert
+sit next to each other, and programs are ordered GROUP_M tiles at a time, so an expert's weights stream
+from HBM once and are reused from L2 by its other tiles.
+
+    gate_up: rows x[pair // k]  @ w13[e]^T  -> SiLU(gate) * up in registers -> h [padded rows, I]
+    down:    rows h[row]        @ w2[e]^T   -> times the pair's routing weight -> out[pair] [T*k, H]
+    combine: out.view(T, k, H).sum(1)
+
+The padded count is not read on the host: the grid covers the bound T*k + min(E, T*k)*(BLOCK_M-1), and
+tiles past the count return at once. So a MoE layer never waits for the device (CUDA graphs can capture it).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from miniengine.kernels.moe import max_tiles
+
+# triton 3.9's interpreter returns wrong results for tl.dot on bf16 operands (fp16 and fp32 are right), so
+# in interpreter mode bf16 tiles are upcast to fp32 before the dot; compiled kernels never take that path.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class GemmTile:
+    """Tile of one of the two GEMMs: columns and reduction chunk per program, warps, pipeline stages."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """BLOCK_M is shared: both GEMMs walk the same sorted, padded rows. GROUP_M tiles share a weight slab."""
+
+    block_m: int
+    gate_up: GemmTile
+    down: GemmTile
+    group_m: int = 8
+
+
+# Chosen by how many rows each expert gets on average, T*k/E (what decides the GEMM's shape):
+#  - decode (<= 8 rows per expert): memory-bound on the weights of the experts hit. BLOCK_M=16, the smallest
+#    tl.dot takes; narrow BLOCK_N and long BLOCK_K so many programs each stream a deep slab of weights.
+#  - middle (<= 64): still memory-bound (Qwen3-30B at 256 tokens: 16 rows per expert, 1.2 GB of weights).
+#    BLOCK_M a little above the mean keeps most experts in one or two tiles, read once.
+#  - prefill (more): compute-bound. 64x128 / 128x128 output tiles with 8 warps feed the tensor cores; a
+#    BLOCK_M of 64 wastes fewer padded rows than 128 when experts get a few hundred rows each.
+# The gate_up GEMM keeps two accumulators (gate and up), so its BLOCK_N counts half the columns it computes.
+# `python bench/kernels/moe.py --sweep` times the alternatives per shape on the GPU.
+_TABLE: list[tuple[float, MoeConfig]] = [
+    (8, MoeConfig(16, GemmTile(64, 128, 4, 4), GemmTile(64, 128, 4, 4))),
+    (24, MoeConfig(32, GemmTile(64, 128, 4, 4), GemmTile(64, 128, 4, 4))),
+    (64, MoeConfig(64, GemmTile(64, 64, 4, 4), GemmTile(128, 64, 4, 4))),
+    (384, MoeConfig(64, GemmTile(128, 64, 8, 4), GemmTile(128, 64, 8, 4))),
+    (float("inf"), MoeConfig(128, GemmTile(64, 64, 8, 4), GemmTile(128, 64, 8, 4))),
+]
+
+
+def pick_config(num_tokens: int, hidden: int, intermediate: int, num_experts: int, top_k: int) -> MoeConfig:
+    """The tile configuration for this shape, from the table above (keyed on rows per expert)."""
+    rows_per_expert = num_tokens * top_k / num_experts
+    config = next(config for limit, config in _TABLE if rows_per_expert <= limit)
+    # Tiles wider than the matrix only add masked work (small test shapes).
+    return MoeConfig(
+        config.block_m,
+        _fit(config.gate_up, intermediate, hidden),
+        _fit(config.down, hidden, intermediate),
+        config.group_m,
+    )
+
+
+def _fit(tile: GemmTile, n: int, k: int) -> GemmTile:
+    def cap(block: int, size: int) -> int:
+        return max(16, min(block, triton.next_power_of_2(size)))
+
+    return GemmTile(cap(tile.block_n, n), cap(tile.block_k, k), tile.num_warps, tile.num_stages)
+
+
+@triton.jit
+def _grouped_gemm(
+    a_ptr,  # [rows, K]: x (gate_up, rows gathered by token) or h (down, rows in sorted order)
+    b_ptr,  # [E, N or 2N, K]: w13 or w2
+    c_ptr,  # [padded rows, N] (gate_up) or [T*k, N] (down)
+    weights_ptr,  # [T*k] routing weights (down only)
+    sorted_ids_ptr,
+    tile_experts_ptr,
+    num_padded_ptr,
+    num_pairs,  # T*k: the pair index that marks padding
+    N,
+    K,
+    num_tiles_m,
+    stride_am,
+    stride_be,
+    stride_bn,
+    stride_cm,
+    TOP_K: tl.constexpr,
+    GATE_UP: tl.constexpr,  # True: A rows are tokens (pair // TOP_K), two slabs of B, SiLU(gate) * up, C by row
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    # Programs run GROUP_M tiles down one column of slabs before moving right: neighbouring tiles (mostly
+    # the same expert) share the slab in L2.
+    pid = tl.program_id(0)
+    num_tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+
+    expert = tl.load(tile_experts_ptr + pid_m).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_ids_ptr + rows)
+    real = pairs < num_pairs
+    if GATE_UP:
+        a_rows = pairs // TOP_K  # the token of each pair: x is not copied per pair, its rows are gathered
+    else:
+        a_rows = rows
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + expert * stride_be + offs_n.to(tl.int64)[None, :] * stride_bn + offs_k[:, None]
+    n_ok = offs_n < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # gate_up only: the up half, rows N + n of w13
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = (offs_k < K - k * BLOCK_K) | EVEN_K  # a mask along K, where K is contiguous, costs vector loads
+        a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc)
+        if GATE_UP:
+            b_up = tl.load(b_ptrs + N * stride_bn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if UPCAST:
+                b_up = b_up.to(tl.float32)
+            acc_up = tl.dot(a, b_up, acc_up)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    if GATE_UP:
+        out = acc * tl.sigmoid(acc) * acc_up  # SiLU(gate) * up, in float32
+        c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=n_ok[None, :])
+    else:
+        out = acc * tl.load(weights_ptr + pairs, mask=real, other=0.0)[:, None]
+        c_ptrs = c_ptr + pairs.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=real[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _count_experts(ids_ptr, counts_ptr, sorted_ids_ptr, num_pairs, num_rows, BLOCK: tl.constexpr):
+    """Pairs per expert (atomic adds); every row of sorted_ids starts as padding (num_pairs)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(sorted_ids_ptr + offs, tl.full((BLOCK,), num_pairs, tl.int32), mask=offs < num_rows)
+    ok = offs < num_pairs
+    experts = tl.load(ids_ptr + offs, mask=ok, other=0)
+    tl.atomic_add(counts_ptr + experts, tl.full((BLOCK,), 1, tl.int32), mask=ok)
+
+
+@triton.jit
+def _place_pairs(
+    ids_ptr,
+    counts_ptr,
+    cursors_ptr,
+    sorted_ids_ptr,
+    tile_experts_ptr,
+    num_padded_ptr,
+    num_pairs,
+    num_experts,
+    num_tiles,
+    BLOCK_M: tl.constexpr,
+    E_PAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """Each program recomputes the (tiny) prefix sum of padded group sizes, then writes its pairs at their
+    expert's start plus a slot taken with an atomic add. Program 0 also writes the tile list."""
+    e_offs = tl.arange(0, E_PAD)
+    counts = tl.load(counts_ptr + e_offs, mask=e_offs < num_experts, other=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    starts = ends - padded
+    if tl.program_id(0) == 0:
+        tl.store(num_padded_ptr, tl.sum(padded, 0))
+        for t0 in range(0, num_tiles, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            done = (ends[None, :] <= t[:, None] * BLOCK_M) & (e_offs < num_experts)[None, :]
+            tl.store(tile_experts_ptr + t, tl.sum(done.to(tl.int32), 1), mask=t < num_tiles)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < num_pairs
+    experts = tl.load(ids_ptr + offs, mask=ok, other=0).to(tl.int32)
+    start = tl.sum(tl.where(e_offs[None, :] == experts[:, None], starts[None, :], 0), 1)  # starts[experts]
+    slot = tl.atomic_add(cursors_ptr + experts, tl.full((BLOCK,), 1, tl.int32), mask=ok)
+    tl.store(sorted_ids_ptr + start + slot, offs, mask=ok)
+
+
+def triton_align(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`kernels.moe.align` in two small kernels (the torch version takes ~25 launches, too many for decode).
+
+    Same outputs, except that within one expert's group the pairs come in the order the atomics hand out
+    slots (any order gives the same results: each row of a GEMM is computed on its own).
+    """
+    device = topk_ids.device
+    ids = topk_ids.flatten()
+    num_pairs = ids.numel()
+    num_tiles = max_tiles(num_pairs, num_experts, block_m)
+    e_pad = triton.next_power_of_2(num_experts)
+    scratch = torch.zeros(2, e_pad, dtype=torch.int32, device=device)  # counts, then cursors
+    sorted_ids = torch.empty(num_tiles * block_m, dtype=torch.int32, device=device)
+    tile_experts = torch.empty(num_tiles, dtype=torch.int32, device=device)
+    num_padded = torch.empty(1, dtype=torch.int32, device=device)
+    _count_experts[(triton.cdiv(sorted_ids.numel(), 1024),)](
+        ids, scratch[0], sorted_ids, num_pairs, sorted_ids.numel(), BLOCK=1024
+    )
+    block = max(16, 8192 // e_pad)  # the [block, E_PAD] gather of starts stays small
+    _place_pairs[(triton.cdiv(num_pairs, block),)](
+        ids, scratch[0], scratch[1], sorted_ids, tile_experts, num_padded, num_pairs, num_experts, num_tiles,
+        BLOCK_M=block_m, E_PAD=e_pad, BLOCK=block, BLOCK_T=max(16, 4096 // e_pad),
+    )  # fmt: skip
+    return sorted_ids, tile_experts, num_padded
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    config: MoeConfig | None = None,
+) -> torch.Tensor:
+    """x [T, H] through each token's top-k experts (w13 [E, 2I, H], w2 [E, H, I]) -> [T, H]; see the top."""
+    num_tokens, hidden = x.shape
+    num_experts, two_i, _ = w13.shape
+    intermediate = two_i // 2
+    top_k = topk_ids.shape[1]
+    if w13.shape != (num_experts, 2 * intermediate, hidden) or w2.shape != (num_experts, hidden, intermediate):
+        raise ValueError(
+            f"expert weights w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not fit x {tuple(x.shape)}"
+        )
+    config = config or pick_config(num_tokens, hidden, intermediate, num_experts, top_k)
+    x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
+    weights = topk_weights.flatten().float().contiguous()
+    tiles = triton_align(topk_ids, num_experts, config.block_m)
+    h = torch.empty(tiles[0].numel(), intermediate, dtype=x.dtype, device=x.device)
+    _launch_gemm(x, w13, h, weights, tiles, top_k, True, config.gate_up, config)
+    out = torch.empty(num_tokens * top_k, hidden, dtype=x.dtype, device=x.device)
+    _launch_gemm(h, w2, out, weights, tiles, top_k, False, config.down, config)
+    return out.view(num_tokens, top_k, hidden).sum(dim=1)
+
+
+def _launch_gemm(a, b, c, weights, tiles, top_k: int, gate_up: bool, tile: GemmTile, config: MoeConfig) -> None:
+    sorted_ids, tile_experts, num_padded = tiles
+    n, k = c.shape[1], a.shape[1]
+    grid = (tile_experts.numel() * triton.cdiv(n, tile.block_n),)
+    _grouped_gemm[grid](
+        a, b, c, weights, sorted_ids, tile_experts, num_padded, weights.numel(), n, k, tile_experts.numel(),
+        a.stride(0), b.stride(0), b.stride(1), c.stride(0),
+        TOP_K=top_k, GATE_UP=gate_up, BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+        GROUP_M=config.group_m, EVEN_K=k % tile.block_k == 0, UPCAST=_INTERPRET and a.dtype == torch.bfloat16,
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )  # fmt: skip

@@ -1,0 +1,104 @@
+"""CUDA graphs for decode steps: capture the model's forward once per batch size, then replay it.
+
+A decode step of a small model is hundreds of short kernels (a norm, a few matmuls, attention, an
+activation, for every layer). Launching them one by one from Python costs more than running them. A CUDA
+graph records the launches once, reading every input from a fixed buffer, and replays them in one call:
+
+    start-up    for B in [..., 48, 32, 16, 8, 4, 2, 1]:          (largest first, one shared memory pool)
+                    warm up, then record model(input_ids[:B], positions[:B]) -> hidden_B
+    each step   n sequences decode -> B = the smallest captured size >= n
+                copy ids, positions, slots, seq_lens and block tables into the buffers' first n rows;
+                rows n..B are padding: seq_len 0 and slot -1, so attention writes nothing and returns zeros
+                graph[B].replay(); the hidden states are hidden_B[:n]
+
+The graph fixes the attention kernels' launch grid, so it is captured for the longest context the engine
+allows (`max_seq_len = max_model_len`); the kernels stop at each sequence's real length. Mixed and prefill
+steps run eagerly. With `enforce_eager` the same padded buffers are used but nothing is captured: decode
+steps then run the very same kernels on the very same shapes, so graphs on and off give identical tokens.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from miniengine.forward_context import AttentionMetadata, ForwardContext, set_forward_context
+
+if TYPE_CHECKING:
+    from miniengine.model_runner import ModelRunner, StepInput
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 16 up to max_num_seqs (and max_num_seqs itself)."""
+    sizes = [s for s in (1, 2, 4, 8) if s < max_num_seqs] + list(range(16, max_num_seqs, 16))
+    return sizes + [max_num_seqs]
+
+
+class CudaGraphRunner:
+    def __init__(self, runner: ModelRunner, max_num_seqs: int, max_model_len: int, capture: bool = True) -> None:
+        self.runner = runner
+        self.sizes = capture_sizes(max_num_seqs)
+        self.max_model_len = max_model_len
+        size, device = self.sizes[-1], runner.device
+        max_blocks = -(-max_model_len // runner.block_size)
+        self.input_ids = torch.zeros(size, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(size, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((size,), -1, dtype=torch.int64, device=device)
+        self.seq_lens = torch.zeros(size, dtype=torch.int64, device=device)
+        self.query_start_loc = torch.arange(size + 1, dtype=torch.int64, device=device)
+        self.block_tables = torch.zeros(size, max_blocks, dtype=torch.int64, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        pool = None
+        for size in reversed(self.sizes if capture else []):
+            graph = torch.cuda.CUDAGraph()
+            self._forward(size)  # warm-up: compiles kernels and settles the allocator outside the capture
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[size] = self._forward(size)
+            pool = graph.pool()
+            self.graphs[size] = graph
+        torch.cuda.synchronize()
+
+    def _forward(self, size: int) -> torch.Tensor:
+        metadata = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:size],
+            block_tables=self.block_tables[:size],
+            query_start_loc=self.query_start_loc[: size + 1],
+            seq_lens=self.seq_lens[:size],
+            max_query_len=1,
+            max_seq_len=self.max_model_len,
+        )
+        with set_forward_context(ForwardContext(metadata, self.runner.kernels)):
+            return self.runner.model(self.input_ids[:size], self.positions[:size])
+
+    def can_run(self, step: StepInput) -> bool:
+        return step.is_decode and step.num_seqs <= self.sizes[-1]
+
+    def run(self, step: StepInput) -> torch.Tensor:
+        """Hidden states of a decode step's sequences (every one of them samples)."""
+        n = step.num_seqs
+        size = self.sizes[bisect.bisect_left(self.sizes, n)]
+        pad = size - n
+        tables = step.block_tables
+        parts = [
+            np.pad(step.input_ids, (0, pad)),
+            np.pad(step.positions, (0, pad)),
+            np.pad(step.slot_mapping, (0, pad), constant_values=-1),
+            np.pad(step.seq_lens, (0, pad)),
+            tables.ravel(),
+        ]
+        flat = torch.from_numpy(np.concatenate(parts)).pin_memory().to(self.runner.device, non_blocking=True)
+        ids, pos, slots, lens, table_rows = flat.split([size, size, size, size, tables.size])
+        self.input_ids[:size].copy_(ids)
+        self.positions[:size].copy_(pos)
+        self.slot_mapping[:size].copy_(slots)
+        self.seq_lens[:size].copy_(lens)
+        self.block_tables[:n, : tables.shape[1]].copy_(table_rows.view(tables.shape))
+        if size not in self.graphs:  # enforce_eager: the same padded step, launched op by op
+            return self._forward(size)[:n]
+        self.graphs[size].replay()
+        return self.outputs[size][:n]

@@ -1,0 +1,182 @@
+"""MoE kernels: routing against transformers' routers, the align step's invariants, and the Triton grouped
+GEMM against the plain-torch loop over experts (under TRITON_INTERPRET=1 on the CPU; real shapes with -m gpu).
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from miniengine.kernels import moe
+
+triton_moe = pytest.importorskip("miniengine.kernels.triton_moe")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def random_routing(num_tokens: int, num_experts: int, top_k: int, seed: int, skew: float = 0.0):
+    """Random router logits; `skew` > 0 leaves the last experts (almost surely) without tokens."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_tokens, num_experts, generator=g)
+    logits -= skew * torch.arange(num_experts) / num_experts
+    return moe.route(logits.to(DEVICE), top_k, renormalize=True)
+
+
+def random_experts(num_experts: int, hidden: int, inter: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(num_experts, 2 * inter, hidden, generator=g) / math.sqrt(hidden)
+    w2 = torch.randn(num_experts, hidden, inter, generator=g) / math.sqrt(inter)
+    return w13.to(DEVICE, dtype), w2.to(DEVICE, dtype)
+
+
+# ---- routing ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_route_matches_qwen3_moe_router(norm_topk_prob):
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
+
+    config = SimpleNamespace(num_experts_per_tok=4, num_experts=16, norm_topk_prob=norm_topk_prob, hidden_size=32)
+    router = Qwen3MoeTopKRouter(config)
+    torch.nn.init.normal_(router.weight)
+    x = torch.randn(13, 32)
+    _, hf_weights, hf_ids = router(x)
+    weights, ids = moe.route(x @ router.weight.T, 4, renormalize=norm_topk_prob)
+    assert weights.dtype == torch.float32
+    torch.testing.assert_close(ids, hf_ids, rtol=0, atol=0)
+    torch.testing.assert_close(weights, hf_weights.float())
+
+
+def test_route_matches_mixtral_router_and_softmax_after_topk():
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+
+    router = MixtralTopKRouter(SimpleNamespace(num_experts_per_tok=2, num_local_experts=8, hidden_size=32))
+    torch.nn.init.normal_(router.weight)
+    x = torch.randn(11, 32)
+    _, hf_weights, hf_ids = router(x)
+    logits = x @ router.weight.T
+    for weights, ids in (moe.route(logits, 2, True), moe.route(logits, 2, False, softmax_after_topk=True)):
+        torch.testing.assert_close(ids, hf_ids, rtol=0, atol=0)
+        torch.testing.assert_close(weights, hf_weights)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(11))
+
+
+# ---- align -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "num_tokens, num_experts, top_k, block_m",
+    [(1, 8, 2, 16), (3, 16, 8, 16), (37, 6, 3, 4), (64, 128, 8, 16), (200, 8, 2, 64), (5, 4, 4, 1), (700, 3, 2, 16)],
+)
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_align_invariants(impl, num_tokens, num_experts, top_k, block_m):
+    _, ids = random_routing(num_tokens, num_experts, top_k, seed=num_tokens, skew=4.0)
+    align = moe.align if impl == "torch" else triton_moe.triton_align
+    sorted_ids, tile_experts, num_padded = align(ids, num_experts, block_m)
+    num_pairs = num_tokens * top_k
+    counts = torch.bincount(ids.flatten().cpu(), minlength=num_experts)
+    used = int(num_padded)
+    assert used == sum(-(-int(c) // block_m) * block_m for c in counts)
+    assert sorted_ids.numel() <= num_pairs + min(num_experts, num_pairs) * (block_m - 1) + block_m - 1
+    assert sorted_ids.numel() == tile_experts.numel() * block_m >= used
+    rows, tiles = sorted_ids.cpu().long(), tile_experts.cpu().long()
+    real = rows[:used][rows[:used] < num_pairs]
+    assert sorted(real.tolist()) == list(range(num_pairs)), "every (token, k) pair appears exactly once"
+    assert (rows[used:] == num_pairs).all() and (tiles[used // block_m :] == num_experts).all()
+    flat = ids.flatten().cpu()
+    for t in range(used // block_m):
+        tile = rows[t * block_m : (t + 1) * block_m]
+        pairs = tile[tile < num_pairs]
+        assert len(pairs) > 0, "no tile is all padding"
+        assert (flat[pairs] == tiles[t]).all(), "each tile's pairs belong to its expert"
+        assert (tile[: len(pairs)] == pairs).all(), "padding last"
+        # The torch version keeps pair order within an expert; the kernel's atomics may not (on a GPU).
+        assert impl == "triton" or (pairs.diff() > 0).all()
+    assert (tiles[: used // block_m].diff() >= 0).all(), "experts in order"
+
+
+# ---- the grouped GEMM ------------------------------------------------------------------------------------
+
+
+def poison_empty(monkeypatch):
+    """Make torch.empty return NaN-filled float tensors: a row the kernel forgets to write shows up."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def check_fused_moe(num_tokens, num_experts, top_k, hidden, inter, dtype, seed=0, skew=0.0, config=None):
+    weights, ids = random_routing(num_tokens, num_experts, top_k, seed, skew)
+    w13, w2 = random_experts(num_experts, hidden, inter, dtype, seed + 1)
+    x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(seed + 2)).to(DEVICE, dtype)
+    out = triton_moe.fused_moe(x, w13, w2, weights, ids, config)
+    expected = moe.fused_moe(x.float(), w13.float(), w2.float(), weights, ids)
+    assert out.shape == (num_tokens, hidden) and out.dtype == dtype
+    assert not out.isnan().any()
+    # fp32 on a GPU runs tf32 tensor cores; half types round h and the per-pair outputs once more.
+    tol = {torch.float32: 2e-3 if DEVICE == "cuda" else 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    err = (out.float() - expected).abs().max().item()
+    assert err <= tol * expected.abs().max().item(), f"max error {err}"
+    return ids
+
+
+TILE = triton_moe.GemmTile
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "num_tokens, num_experts, top_k, hidden, inter",
+    [
+        (5, 4, 2, 32, 48),  # a few tokens per expert
+        (3, 8, 8, 40, 24),  # top-k larger than the number of tokens; odd sizes
+        (37, 6, 3, 64, 80),  # several tiles per expert
+    ],
+)
+def test_fused_moe_matches_reference(monkeypatch, dtype, num_tokens, num_experts, top_k, hidden, inter):
+    poison_empty(monkeypatch)
+    check_fused_moe(num_tokens, num_experts, top_k, hidden, inter, dtype)
+
+
+def test_experts_without_tokens(monkeypatch):
+    poison_empty(monkeypatch)
+    ids = check_fused_moe(6, 32, 2, 48, 32, torch.float16, skew=40.0)
+    assert ids.unique().numel() < 16, "most experts should receive no tokens"
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        triton_moe.MoeConfig(16, TILE(16, 16, 4, 2), TILE(32, 32, 4, 2), group_m=2),  # K in several chunks
+        triton_moe.MoeConfig(32, TILE(64, 64, 4, 2), TILE(16, 64, 4, 2), group_m=1),
+        triton_moe.MoeConfig(64, TILE(32, 128, 4, 2), TILE(64, 16, 4, 2), group_m=8),
+    ],
+)
+def test_fused_moe_tile_configs(monkeypatch, config):
+    """Tiles narrower than the matrices (several column slabs, a K loop with a remainder, GROUP_M ordering)."""
+    poison_empty(monkeypatch)
+    check_fused_moe(29, 5, 2, 72, 40, torch.float16, seed=3, config=config)
+
+
+def test_pick_config_covers_decode_and_prefill():
+    decode = triton_moe.pick_config(16, 2048, 768, 128, 8)
+    prefill = triton_moe.pick_config(4096, 4096, 14336, 8, 2)
+    assert decode.block_m == 16 and prefill.block_m > decode.block_m
+    tiny = triton_moe.pick_config(4, 40, 24, 8, 2)
+    assert tiny.gate_up.block_n <= 32 and tiny.down.block_k <= 32, "tiles are capped at the matrix size"
+
+
+# ---- real shapes on the GPU ------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("num_experts, top_k, hidden, inter", [(128, 8, 2048, 768), (8, 2, 4096, 14336)])
+@pytest.mark.parametrize("num_tokens", [1, 16, 256, 4096])
+def test_fused_moe_real_shapes(num_experts, top_k, hidden, inter, num_tokens):
+    check_fused_moe(num_tokens, num_experts, top_k, hidden, inter, torch.bfloat16, seed=num_tokens)
