@@ -201,9 +201,14 @@ def test_32_streams_with_a_third_leaving_early(server, model):
         assert reason == "length"
         return "".join(pieces)
 
+    async def bad(i: int) -> None:  # failing requests among them stall nobody
+        with pytest.raises(openai.BadRequestError):
+            await client.completions.create(model=model, prompt=[1, 10**6 + i], max_tokens=4, stream=i % 2 == 0)
+
     async def main() -> list[str | None]:
         try:
-            return await asyncio.gather(*(one(i) for i in range(32)))
+            results = await asyncio.gather(*(one(i) for i in range(32)), *(bad(i) for i in range(4)))
+            return results[:32]
         finally:
             await client.close()
 

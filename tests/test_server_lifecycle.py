@@ -92,3 +92,35 @@ def test_sigterm_ends_streams_with_abort_and_exits_0(server):
     assert time.monotonic() - start < 15
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.root + "/health")
+
+
+def test_a_dead_engine_loop_turns_health_to_503(tmp_path):
+    """In process, on a tiny model: a step that raises ends the request in flight with 503, and /health says so."""
+    from fastapi.testclient import TestClient
+    from tiny_models import make_tiny_model
+
+    from miniengine import AsyncEngine, Engine
+    from miniengine.server import ServerConfig, build_app
+    from miniengine.server.metrics import PrometheusStatLogger
+
+    engine = Engine(str(make_tiny_model(tmp_path, "llama")), num_kv_blocks=16, block_size=4, stat_loggers=[])
+    metrics = PrometheusStatLogger("tiny")
+    engine.stat_loggers.append(metrics)
+    real_step = engine.step
+
+    def failing_step():
+        if engine.scheduler.running:  # the first step that has work to do
+            raise RuntimeError("device lost")
+        return real_step()
+
+    engine.step = failing_step
+    async_engine = AsyncEngine(engine)
+    with TestClient(build_app(async_engine, ServerConfig(), metrics, "tiny")) as client:
+        assert client.get("/health").status_code == 200
+        answer = client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 4})
+        assert answer.status_code == 503 and "device lost" in answer.json()["error"]["message"]
+        health = client.get("/health")
+        assert health.status_code == 503 and "device lost" in health.json()["error"]["message"]
+        again = client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 4})
+        assert again.status_code == 503
+    async_engine.shutdown()
