@@ -76,6 +76,7 @@ class AsyncEngine:
         self._refusing: str | None = None  # why new requests are refused
         self._pending: set[concurrent.futures.Future[str]] = set()  # adds queued, not yet run
         self._num_waiting = 0
+        self._device = engine.platform.device()  # the current device is per thread: the loop takes this one
         self._thread = threading.Thread(target=self._run, name="miniengine-loop", daemon=True)
         self._thread.start()
 
@@ -158,6 +159,8 @@ class AsyncEngine:
 
     def _run(self) -> None:
         try:
+            if self._device.index is not None:
+                self.engine.platform.set_device(self._device.index)
             while self._run_commands(block=not self.engine.has_unfinished()):
                 self._count_waiting()
                 if self.engine.has_unfinished():
