@@ -6,14 +6,17 @@ chunked prefill — written from scratch to be read.
     print(engine.generate("Once upon a time", SamplingParams(max_tokens=32))[0].outputs[0].text)
 """
 
+from miniengine.async_engine import AsyncEngine, EngineStoppedError
 from miniengine.engine import Engine, PromptTooLongError
 from miniengine.outputs import CompletionOutput, RequestOutput, StreamDelta
 from miniengine.registry import ModelRegistry
 from miniengine.sampling_params import SamplingParams
 
 __all__ = [
+    "AsyncEngine",
     "CompletionOutput",
     "Engine",
+    "EngineStoppedError",
     "ModelRegistry",
     "PromptTooLongError",
     "RequestOutput",

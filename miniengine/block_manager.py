@@ -100,7 +100,9 @@ class BlockManager:
         revived = sum(1 for b in cached if self.blocks[b].ref_count == 0)  # cached but on the free list
         if num_fresh + revived > len(self.free):
             return False
-        if not seq.block_table:
+        # A sequence's prompt is looked up once, when it is first scheduled. The recompute after a preemption
+        # hits its own blocks, which would count output tokens as cached prompt and inflate the hit rate.
+        if not seq.block_table and seq.num_preemptions == 0:
             seq.num_cached_tokens = len(cached) * self.block_size
             self.queries += (seq.num_tokens - 1) // self.block_size if self.enable_prefix_caching else 0
             self.hits += len(cached)

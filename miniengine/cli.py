@@ -1,50 +1,108 @@
-"""The command line: `miniengine generate [options] PROMPT...` (also `python -m miniengine generate`)."""
+"""The command line: `miniengine generate [options] PROMPT...` and `miniengine serve [MODEL] [options]`
+(also `python -m miniengine ...`).
+
+The engine's flags are made from `EngineConfig`'s fields in one place (`add_config_flags`), spelled as
+vLLM spells them (`max_num_seqs` -> `--max-num-seqs`, a bool -> `--enable-prefix-caching` and
+`--no-enable-prefix-caching`), so an option added to the config arrives on both commands with its flag.
+The server's own flags come from `ServerConfig` the same way.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
+import os
 import sys
+from typing import Any
 
+from miniengine.config import EngineConfig
 from miniengine.engine import Engine
 from miniengine.sampling_params import SamplingParams
 
+_TYPES = {"str": str, "int": int, "float": float}
 
-def build_parser() -> argparse.ArgumentParser:
+
+def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: tuple[str, ...] = ()) -> list[str]:
+    """Add a `--flag` for each field of the dataclass `config_class`; returns the field names.
+
+    Every flag defaults to None ("not given"), so the dataclass's own default applies to what is not given.
+    """
+    group = parser.add_argument_group(f"{config_class.__name__} options")
+    names = []
+    for f in dataclasses.fields(config_class):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"default: {default}"
+        annotation = str(f.type).replace(" | None", "").replace("Optional[", "").rstrip("]")
+        if annotation == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(flag, type=_TYPES.get(annotation, str), default=None, help=help_text)
+        names.append(f.name)
+    return names
+
+
+def given(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, list[str], list[str]]:
     parser = argparse.ArgumentParser(prog="miniengine", description="A minimal LLM inference engine.")
     commands = parser.add_subparsers(dest="command", required=True)
+
     gen = commands.add_parser("generate", help="complete prompts and print the completions")
     gen.add_argument("prompts", nargs="+", metavar="PROMPT")
     gen.add_argument("--model", default=None, help="HF-style directory or .gguf file (default: bundled SmolLM2)")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message (chat template)")
     gen.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt at a time)")
-    gen.add_argument("--device", default="auto")
-    gen.add_argument("--dtype", default="auto")
-    gen.add_argument("--max-model-len", type=int, default=None)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=-1)
     gen.add_argument("--min-p", type=float, default=0.0)
     gen.add_argument("--repetition-penalty", type=float, default=1.0)
     gen.add_argument("--max-tokens", type=int, default=128)
-    gen.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
     gen.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     gen.add_argument("-n", type=int, default=1, help="samples per prompt")
-    return parser
+    engine_names = add_config_flags(gen, EngineConfig, skip=("model",))
+
+    from miniengine.server.config import ServerConfig  # light: the server's heavy imports come with `serve`
+
+    srv = commands.add_parser("serve", help="serve the OpenAI API over HTTP (see README)")
+    srv.add_argument("model", nargs="?", default=None, help="HF-style directory or .gguf file (default: SmolLM2)")
+    add_config_flags(srv, EngineConfig, skip=("model",))
+    server_names = add_config_flags(srv, ServerConfig)
+    return parser, engine_names, server_names
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser, engine_names, server_names = build_parser()
+    args = parser.parse_args(argv)
     try:
+        if args.command == "serve":
+            return _serve(args, engine_names, server_names)
         params = SamplingParams(
             n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-            repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, seed=args.seed, stop=args.stop,
+            repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, stop=args.stop,
         )  # fmt: skip
-        engine = Engine(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
+        engine = Engine(args.model, **given(args, engine_names))
         prompts = [engine.chat_prompt([{"role": "user", "content": p}]) if args.chat else p for p in args.prompts]
         return _run(engine, args.prompts, prompts, params, args.stream)
     except (ValueError, FileNotFoundError) as error:  # bad options, no model, a prompt too long, no chat template
         print(f"miniengine: {error}", file=sys.stderr)
         return 2
+
+
+def _serve(args: argparse.Namespace, engine_names: list[str], server_names: list[str]) -> int:
+    from miniengine.server import ServerConfig, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = given(args, server_names)
+    # A key on the command line shows in `ps`; the environment does not.
+    options.setdefault("api_key", os.environ.get("MINIENGINE_API_KEY") or None)
+    return serve(args.model, ServerConfig(**options), given(args, engine_names))
 
 
 def _run(engine: Engine, texts: list[str], prompts: list, params: SamplingParams, stream: bool) -> int:

@@ -5,7 +5,9 @@
              -> append each sampled token, detokenize, check stop ids / stop strings / max_tokens
              -> free the blocks of finished sequences -> RequestOutputs of the requests that moved
 
-`generate`, `chat` and `stream` are loops over `step` for programs that do not run their own. The engine
+`generate`, `chat` and `stream` are loops over `step` for programs that do not run their own. A step
+moves every request, so when such a loop meets outputs of requests it did not add (a host's
+`add_request`), it keeps them and the next `step()` hands them back: no output is ever lost. The engine
 keeps no global state: a server thread, or a test, can drive several engines side by side.
 """
 
@@ -36,6 +38,8 @@ from miniengine.stats import LoggingStatLogger, RequestStats, StatLogger, StepSt
 from miniengine.tokenizer import IncrementalDetokenizer
 
 Prompt = str | list[int] | dict[str, Any]
+
+MAX_PROMPTS_PER_CALL = 65_536  # generate / chat: every prompt is tokenized and queued before the first step
 
 
 class PromptTooLongError(ValueError):
@@ -91,6 +95,8 @@ class Engine:
         self._finished: list[RequestStats] = []  # requests finished this step, for the stat loggers
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
+        # Outputs a generate/stream loop met for requests it did not add, for the next step() to hand back.
+        self._held: dict[str, RequestOutput] = {}
 
     def _num_blocks_that_fit(self, model: torch.nn.Module) -> int:
         """As many KV blocks as the platform's memory budget holds, after a profiling run of a full step."""
@@ -123,9 +129,16 @@ class Engine:
         """Queue a prompt: text, token ids, or {"prompt": text} / {"prompt_token_ids": ids}, either dict with
         "extra_inputs": {name: tensor} for models that take them (extra_inputs.py)."""
         params = params or SamplingParams()
-        request_id = str(next(self._request_ids)) if request_id is None else request_id
-        if request_id in self._requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if request_id is None:
+            request_id = str(next(self._request_ids))
+            while self._in_use(request_id):  # the caller may have chosen this one already
+                request_id = str(next(self._request_ids))
+        elif not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a string, got {type(request_id).__name__}")
+        elif self._in_use(request_id):
+            raise ValueError(f"request_id {request_id!r} is already in use: choose another, or pass None")
         text, ids = self._tokenize(prompt)
         self._check_prompt(ids)
         extra = prepare_extra_inputs(self.extra_input_specs, prompt, ids, self.config.block_size)
@@ -148,6 +161,9 @@ class Engine:
         for seq in seqs:
             self.scheduler.add(seq)
         return request_id
+
+    def _in_use(self, request_id: str) -> bool:
+        return request_id in self._requests or request_id in self._held
 
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -189,10 +205,37 @@ class Engine:
         self.block_manager.reset_prefix_cache()
 
     def has_unfinished(self) -> bool:
-        return bool(self._requests)
+        """True while a request runs or an output waits to be handed back by `step`."""
+        return bool(self._requests or self._held)
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; returns an output for each request that got tokens or finished."""
+        """Run one scheduler step; returns an output for each request that got tokens or finished.
+
+        Outputs a `generate` / `stream` loop kept for requests it did not add come first (each output is
+        the request's whole state so far, so a newer one of the same request replaces an older one).
+        """
+        outputs, self._held = self._held, {}
+        for out in self._step():
+            outputs[out.request_id] = out
+        return list(outputs.values())
+
+    def _step_for(self, request_ids: set[str]) -> list[RequestOutput]:
+        """One step for a loop that owns `request_ids`: their outputs; the others are kept for `step()`."""
+        mine = [self._held.pop(r) for r in list(self._held) if r in request_ids]
+        for out in self._step():
+            if out.request_id in request_ids:
+                mine.append(out)
+            else:
+                self._held[out.request_id] = out
+        return mine
+
+    def _discard(self, request_id: str) -> None:
+        """Abort a request a loop owns and forget it: nobody is left to read its final output."""
+        self.abort(request_id)
+        self._requests.pop(request_id, None)
+        self._held.pop(request_id, None)
+
+    def _step(self) -> list[RequestOutput]:
         start = time.monotonic()
         counters = self.block_manager.hits, self.block_manager.queries, self.scheduler.num_preemptions
         moved = {r.request_id for r in self._requests.values() if r.aborted}
@@ -315,7 +358,18 @@ class Engine:
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(params_list)} SamplingParams for {len(prompts)} prompts: give one, or one each")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        if len(prompts) > MAX_PROMPTS_PER_CALL:
+            raise ValueError(
+                f"{len(prompts):,} prompts in one call; at most {MAX_PROMPTS_PER_CALL:,}: split them into several calls"
+            )
+        ids: list[str] = []
+        try:
+            for p, sp in zip(prompts, params_list):
+                ids.append(self.add_request(p, sp))
+        except BaseException:  # one bad prompt: none of the call's prompts may run as an orphan
+            for request_id in ids:
+                self._discard(request_id)
+            raise
         return self._collect(ids, use_tqdm)
 
     def chat(
@@ -344,10 +398,8 @@ class Engine:
         n = (params or SamplingParams()).n
         sent_chars, sent_tokens, done = [0] * n, [0] * n, set()
         try:
-            while request_id in self._requests:
-                for out in self.step():
-                    if out.request_id != request_id:
-                        continue
+            while self._in_use(request_id):
+                for out in self._step_for({request_id}):
                     for c in out.outputs:
                         i = c.index
                         if i in done:
@@ -360,8 +412,7 @@ class Engine:
                         if c.finished:
                             done.add(i)
         finally:
-            self.abort(request_id)
-            self._requests.pop(request_id, None)
+            self._discard(request_id)
 
     def _collect(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         pending = set(request_ids)
@@ -369,13 +420,13 @@ class Engine:
         bar = tqdm(total=len(request_ids), desc="generate", disable=not use_tqdm or len(request_ids) < 2)
         try:
             while pending:
-                for out in self.step():
-                    if out.finished and out.request_id in pending:
+                for out in self._step_for(pending):
+                    if out.finished:
                         done[out.request_id] = out
                         pending.discard(out.request_id)
                         bar.update(1)
         finally:
             bar.close()
             for request_id in pending:
-                self.abort(request_id)
+                self._discard(request_id)
         return [done[r] for r in request_ids]

@@ -2,6 +2,7 @@
 
 Supported: architectures llama, qwen2 and qwen3; every tensor type `gguf.quants.dequantize` knows (F32, F16,
 BF16, Q4_0 ... Q8_0, the K-quants, ...); byte-level BPE tokenizers (`tokenizer.ggml.model == "gpt2"`).
+A truncated or corrupt file raises `CorruptGGUFError` naming the file, not the reader's own traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import struct
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -59,6 +61,22 @@ _GPT2_PRE = {None, "default", "gpt-2"}  # plain GPT-2 regex, as ByteLevel(use_re
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 
+class CorruptGGUFError(ValueError):
+    pass
+
+
+# What `GGUFReader` and numpy raise when lengths or offsets read from the file point past its end or make
+# no sense: an empty mmap, a view or reshape that does not fit, an unknown value type, a bad string.
+_READ_ERRORS = (ValueError, IndexError, TypeError, struct.error, OverflowError, MemoryError)
+
+
+def _corrupt(path: str, error: BaseException) -> CorruptGGUFError:
+    return CorruptGGUFError(
+        f"{path} is truncated or corrupt: it cannot be read as a GGUF file ({type(error).__name__}: {error}); "
+        "download or convert it again"
+    )
+
+
 def _hf_tensor_name(gguf_name: str) -> str:
     if gguf_name in _GLOBAL_TENSORS:
         return _GLOBAL_TENSORS[gguf_name]
@@ -95,7 +113,10 @@ class GGUFCheckpoint:
                     f"GGUF tensor {t.name!r} has type {t.tensor_type.name}, which gguf.quants cannot dequantize"
                 ) from e
             shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
-            arr = np.asarray(flat, dtype=np.float32).reshape(shape)
+            try:
+                arr = np.asarray(flat, dtype=np.float32).reshape(shape)
+            except ValueError as e:
+                raise _corrupt(self.path, e) from None
             kind = t.name.split(".")[-2]
             if permuted and kind in heads:
                 arr = _unpermute_rows(arr, heads[kind])
@@ -206,8 +227,14 @@ def _build_tokenizer(meta: dict[str, Any]) -> Tokenizer:
 def load_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     """Parse a GGUF file's metadata and tokenizer; weights are read lazily by `GGUFCheckpoint.weights()`."""
     path = os.fspath(path)
-    reader = GGUFReader(path)
-    meta = _metadata(reader)
+    try:
+        reader = GGUFReader(path)
+        meta = _metadata(reader)
+    except _READ_ERRORS as e:
+        raise _corrupt(path, e) from None
+    for key in ("general.architecture", "tokenizer.ggml.tokens"):
+        if key not in meta:
+            raise CorruptGGUFError(f"{path} has no {key} in its metadata: it is not a model file, or it is corrupt")
     tensor_names = {t.name for t in reader.tensors}
     for name in tensor_names:
         _hf_tensor_name(name)  # fail now, not halfway through weights(), on tensors we cannot place

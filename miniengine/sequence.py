@@ -41,7 +41,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_prompt_tokens: int = field(init=False)
     num_computed_tokens: int = 0  # tokens whose K/V are already in the cache
-    num_cached_tokens: int = 0  # of those, how many the prefix cache supplied at first schedule
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache supplied at first schedule (not after a preemption)
     block_table: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     num_preemptions: int = 0

@@ -1,0 +1,349 @@
+"""Online serving benchmark: many streaming clients against `miniengine serve`, and, in the same run, the
+same workload through the offline `Engine.generate`, so the cost of serving over HTTP is one ratio.
+
+    workload: N requests, random token-id prompts and output lengths (seeded), ignore_eos, greedy; a warm-up
+              of the same shapes (other tokens) runs first, untimed, in both modes
+    arrivals: Poisson at --request-rate (inf: all at once), at most --max-concurrency in flight
+    client:   POST /v1/completions, stream: true; per request: TTFT, the gaps between chunks (ITL), latency
+    offline:  the server stopped, one Engine in this process, generate() on the same prompts (--no-offline skips)
+
+    python bench/serve.py                                       # bundled SmolLM2 on the CPU, 32 requests
+    python bench/serve.py --model DIR --device cuda --num-prompts 512 --input-len 512 --output-len 256
+    python bench/serve.py --base-url http://127.0.0.1:8000/v1   # a server already running (no offline row)
+
+Engine flags (--device, --dtype, --max-num-seqs, ...) are `miniengine serve`'s, given to both the server and the
+offline engine. Writes bench/results/serve-<device>-<date>.json: device, command, versions, settings, one row
+per mode (request throughput, output tokens/s, TTFT / ITL / latency percentiles, ratio to the roofline floor)
+and `server_over_offline`, the fraction of offline output tokens/s the server keeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from roofline import DevicePeak, ModelSpec, cpu_model, gpu_peak, measure_cpu_peak  # noqa: E402
+
+from miniengine import Engine, SamplingParams  # noqa: E402
+from miniengine.cli import add_config_flags, given  # noqa: E402
+from miniengine.config import EngineConfig  # noqa: E402
+from miniengine.gguf_loader import bundled_smollm2_path  # noqa: E402
+from miniengine.loader import open_checkpoint  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# ---- the workload ------------------------------------------------------------------------------------------
+
+
+def workload(args: argparse.Namespace, vocab_size: int, seed: int) -> list[tuple[list[int], int]]:
+    """(prompt token ids, output length) per request: lengths uniform in len * [1 - range, 1 + range]."""
+    rng = random.Random(seed)
+
+    def length(mean: int) -> int:
+        return max(1, round(mean * rng.uniform(1 - args.range_ratio, 1 + args.range_ratio)))
+
+    high = min(vocab_size, 30_000)  # ordinary tokens: the low ids of most vocabularies; specials sit at the top
+    return [
+        ([rng.randrange(100, high) for _ in range(length(args.input_len))], length(args.output_len))
+        for _ in range(args.num_prompts)
+    ]
+
+
+# ---- the online client -------------------------------------------------------------------------------------
+
+
+async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int) -> dict:
+    body = {
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+        "stream": True, "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    start = time.perf_counter()
+    chunks: list[float] = []
+    output_tokens = 0
+    async with client.stream("POST", "/completions", json=body) as response:
+        if response.status_code != 200:
+            return {"error": f"{response.status_code}: {(await response.aread()).decode()[:200]}"}
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            if data.get("choices"):
+                chunks.append(time.perf_counter())
+            if data.get("usage"):
+                output_tokens = data["usage"]["completion_tokens"]
+    if not chunks:
+        return {"error": "no chunk"}
+    return {
+        "ttft": chunks[0] - start,
+        "itl": [b - a for a, b in zip(chunks, chunks[1:])],
+        "latency": chunks[-1] - start,
+        "output_tokens": output_tokens,
+    }
+
+
+async def run_online(
+    base_url: str, model: str, jobs: list[tuple[list[int], int]], warm_up: list[tuple[list[int], int]], args
+) -> dict:
+    rng = random.Random(args.seed)
+    limits = httpx.Limits(max_connections=args.max_concurrency or len(jobs) + 8, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=httpx.Timeout(None)) as client:
+        await asyncio.gather(*(one_request(client, model, p, m) for p, m in warm_up))
+        gate = asyncio.Semaphore(args.max_concurrency or len(jobs))
+
+        async def limited(prompt: list[int], max_tokens: int) -> dict:
+            async with gate:
+                return await one_request(client, model, prompt, max_tokens)
+
+        tasks = []
+        start = time.perf_counter()
+        for prompt, max_tokens in jobs:
+            tasks.append(asyncio.create_task(limited(prompt, max_tokens)))
+            if args.request_rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(args.request_rate))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    errors = [r["error"] for r in results if "error" in r]
+    done = [r for r in results if "error" not in r]
+    row = _row(duration, len(done), sum(r["output_tokens"] for r in done), sum(len(p) for p, _ in jobs))
+    row.update(
+        failed=len(errors),
+        first_errors=errors[:3],
+        ttft_ms=_percentiles([1e3 * r["ttft"] for r in done]),
+        itl_ms=_percentiles([1e3 * x for r in done for x in r["itl"]]),
+        latency_ms=_percentiles([1e3 * r["latency"] for r in done]),
+    )
+    return row
+
+
+# ---- the server, started here ------------------------------------------------------------------------------
+
+
+class Server:
+    """`miniengine serve` in a child process on a free loopback port; its log goes to a temporary file."""
+
+    def __init__(self, model: str | None, engine_flags: list[str], log: Path) -> None:
+        command = [sys.executable, "-m", "miniengine", "serve", *([model] if model else []), "--port", "0"]
+        command += ["--max-waiting-requests", "1000000", *engine_flags]
+        self.log = open(log, "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        ready: list[str] = []
+        reader = threading.Thread(target=lambda: ready.append(self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout=900)
+        match = re.search(r"serving (\S+) at (http://\S+/v1)", ready[0] if ready else "")
+        if match is None:
+            self.stop()
+            raise RuntimeError(f"the server did not start; see {log}")
+        self.model, self.base_url = match.group(1), match.group(2)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+        self.log.close()
+
+
+# ---- offline, the same workload ----------------------------------------------------------------------------
+
+
+def run_offline(
+    model: str | None, options: dict, jobs: list[tuple[list[int], int]], warm_up: list[tuple[list[int], int]]
+) -> tuple[dict, Engine]:
+    engine = Engine(model, **options)
+    for batch in (warm_up, jobs):
+        engine.reset_prefix_cache()
+        params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for _, m in batch]
+        start = time.perf_counter()
+        outs = engine.generate([p for p, _ in batch], params, use_tqdm=False)
+        duration = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return _row(duration, len(outs), tokens, sum(len(p) for p, _ in jobs)), engine
+
+
+# ---- figures -----------------------------------------------------------------------------------------------
+
+
+def _row(duration: float, requests: int, output_tokens: int, prompt_tokens: int) -> dict:
+    return {
+        "duration_s": duration,
+        "requests": requests,
+        "request_throughput": requests / duration,
+        "output_tokens": output_tokens,
+        "output_tokens_per_s": output_tokens / duration,
+        "total_tokens_per_s": (output_tokens + prompt_tokens) / duration,
+    }
+
+
+def _percentiles(values: list[float]) -> dict:
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+    return {"mean": sum(ordered) / len(ordered), "p50": at(0.5), "p90": at(0.9), "p99": at(0.99)}
+
+
+def workload_floor(spec: ModelSpec, peak: DevicePeak, jobs: list[tuple[list[int], int]]) -> float:
+    """A lower bound on any engine's time for the whole workload on this device: every token's FLOPs at the
+    peak rate, and at least one read of all the weights per token of the longest output (decode is serial)."""
+    prompt, output = sum(len(p) for p, _ in jobs), sum(m for _, m in jobs)
+    flops = 2 * spec.body_params * (prompt + output) + 2 * spec.head_params * output
+    return max(flops / peak.flops, max(m for _, m in jobs) * spec.weight_bytes / peak.bandwidth)
+
+
+def _device(options: dict) -> tuple[str, dict]:
+    if options.get("device", "auto") in ("auto", "cuda") and torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        return "cuda", {"gpu": name}
+    return "cpu", {"cpu": cpu_model(), "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def print_table(result: dict) -> None:
+    s = result["settings"]
+    print(
+        f"\n{s['num_prompts']} requests, prompts ~{s['input_len']} tokens, outputs ~{s['output_len']} tokens "
+        f"(+-{100 * s['range_ratio']:.0f}%), rate {s['request_rate']}/s, concurrency {s['max_concurrency'] or 'any'}"
+    )
+    header = f"{'mode':8} {'req/s':>7} {'out tok/s':>10} {'TTFT p50/p90/p99 ms':>22} {'ITL p50/p90/p99 ms':>21}"
+    header += f" {'x floor':>8}"
+    print(header + "\n" + "-" * len(header))
+    for name, row in result["rows"].items():
+        ttft, itl = row.get("ttft_ms", {}), row.get("itl_ms", {})
+        fmt = lambda p: "/".join(f"{p[k]:.0f}" for k in ("p50", "p90", "p99")) if p else "-"  # noqa: E731
+        print(
+            f"{name:8} {row['request_throughput']:7.2f} {row['output_tokens_per_s']:10.1f} {fmt(ttft):>22} "
+            f"{fmt(itl):>21} {row.get('ratio_to_floor', float('nan')):8.1f}"
+        )
+    if "server_over_offline" in result:
+        print(f"server / offline output tokens/s: {result['server_over_offline']:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="HF-style directory or .gguf file (default: bundled SmolLM2)")
+    parser.add_argument("--base-url", default=None, help="benchmark a running server instead of starting one")
+    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--input-len", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--range-ratio", type=float, default=0.5, help="lengths vary by this fraction either way")
+    parser.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second")
+    parser.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
+    parser.add_argument("--seed", type=int, default=0, help="the workload's seed")
+    parser.add_argument("--no-offline", action="store_true", help="skip the offline generate() row")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads of the server and the offline engine (CPU)"
+    )
+    parser.add_argument("--out", type=Path, default=None)
+    engine_names = add_config_flags(parser, EngineConfig, skip=("model", "seed"))
+    args = parser.parse_args()
+    options = given(args, engine_names)
+    if args.threads:  # on a shared CPU, one thread each is far less sensitive to other processes
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the server's torch reads it at start
+
+    model_path = args.model or bundled_smollm2_path()
+    vocab_size = open_checkpoint(model_path).config.vocab_size
+    jobs = workload(args, vocab_size, args.seed)
+    # Untimed, first: requests of the same shapes with other tokens (no prefix-cache head start later).
+    warm_up = workload(args, vocab_size, args.seed + 1)[:64]
+    device, device_info = _device(options)
+    date = datetime.date.today().isoformat()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+
+    rows: dict[str, dict] = {}
+    if args.base_url:
+        with httpx.Client() as client:
+            served = client.get(args.base_url + "/models").json()["data"][0]["id"]
+        rows["server"] = asyncio.run(run_online(args.base_url, served, jobs, warm_up, args))
+    else:
+        server = Server(args.model, _as_flags(options), Path(tempfile.gettempdir()) / f"serve-{device}-{date}.log")
+        try:
+            rows["server"] = asyncio.run(run_online(server.base_url, server.model, jobs, warm_up, args))
+        finally:
+            server.stop()
+    spec = peak = None
+    if not args.base_url and not args.no_offline:
+        rows["offline"], engine = run_offline(args.model, options, jobs, warm_up)
+        spec = ModelSpec.from_model(engine.runner.model, engine.hf_config, engine.dtype)
+        del engine
+        peak = gpu_peak(device_info["gpu"]) if device == "cuda" else measure_cpu_peak(quick=True)
+    if spec is not None and peak is not None:
+        floor = workload_floor(spec, peak, jobs)
+        for row in rows.values():
+            row["ratio_to_floor"] = row["duration_s"] / floor
+
+    result = {
+        "benchmark": "online serving (miniengine serve) beside offline generate",
+        "date": date,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "device": {"type": device, **device_info},
+        "versions": {n: _version(n) for n in ("miniengine", "torch", "fastapi", "uvicorn", "httpx")}
+        | {"python": platform.python_version()},
+        "settings": {
+            "model": os.path.basename(model_path.rstrip("/")),
+            "engine_options": options,
+            "num_prompts": args.num_prompts,
+            "input_len": args.input_len,
+            "output_len": args.output_len,
+            "range_ratio": args.range_ratio,
+            "request_rate": "inf" if args.request_rate == float("inf") else args.request_rate,
+            "max_concurrency": args.max_concurrency,
+            "threads": args.threads or "torch default",
+            "seed": args.seed,
+            "prompt_tokens_total": sum(len(p) for p, _ in jobs),
+            "output_tokens_total": sum(m for _, m in jobs),
+            "sampling": "greedy, ignore_eos: every request generates exactly its output length",
+        },
+        "rows": rows,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+    if peak is not None:
+        result["roofline"] = {"peak_flops": peak.flops, "peak_bandwidth": peak.bandwidth, "source": peak.source}
+        result["roofline"]["floor_s"] = workload_floor(spec, peak, jobs)  # type: ignore[arg-type]
+    if "offline" in rows:
+        result["server_over_offline"] = rows["server"]["output_tokens_per_s"] / rows["offline"]["output_tokens_per_s"]
+    print_table(result)
+    out = args.out or RESULTS / f"serve-{device}-{date}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def _as_flags(options: dict) -> list[str]:
+    """The engine options given here, as `miniengine serve` flags."""
+    flags = []
+    for name, value in options.items():
+        flag = name.replace("_", "-")
+        flags += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
+    return flags
+
+
+if __name__ == "__main__":
+    main()
