@@ -94,6 +94,10 @@ def _fit(tile: GemmTile, n: int, k: int) -> GemmTile:
     return GemmTile(cap(tile.block_n, n), cap(tile.block_k, k), tile.num_warps, tile.num_stages)
 
 
+def _halve(tile: GemmTile) -> GemmTile:
+    return GemmTile(tile.block_n, max(16, tile.block_k // 2), tile.num_warps, min(tile.num_stages, 2))
+
+
 # Sizes that change with the batch are not specialised on (divisible by 16 or not): no recompiles mid-serving.
 @triton.jit(do_not_specialize=["num_pairs", "num_tiles_m"])
 def _grouped_gemm(
@@ -268,6 +272,8 @@ def fused_moe(
             f"expert weights w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not fit x {tuple(x.shape)}"
         )
     config = config or pick_config(num_tokens, hidden, intermediate, num_experts, top_k)
+    if x.element_size() == 4:  # fp32 (parity runs): tiles of twice the bytes; halve K and the pipeline to fit
+        config = MoeConfig(config.block_m, _halve(config.gate_up), _halve(config.down), config.group_m)
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
     weights = topk_weights.flatten().float().contiguous()
     tiles = triton_align(topk_ids, num_experts, config.block_m)

@@ -44,10 +44,10 @@ class CudaGraphRunner:
         self.max_model_len = max_model_len
         size, device = self.sizes[-1], runner.device
         max_blocks = -(-max_model_len // runner.block_size)
-        self.input_ids = torch.zeros(size, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(size, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((size,), -1, dtype=torch.int64, device=device)
-        self.seq_lens = torch.zeros(size, dtype=torch.int64, device=device)
+        # Rows: input ids, positions, slots, seq_lens (one buffer, so a step fills them with one copy).
+        self.inputs = torch.zeros(4, size, dtype=torch.int64, device=device)
+        self.input_ids, self.positions, self.slot_mapping, self.seq_lens = self.inputs
+        self.slot_mapping.fill_(-1)
         self.query_start_loc = torch.arange(size + 1, dtype=torch.int64, device=device)
         self.block_tables = torch.zeros(size, max_blocks, dtype=torch.int64, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -82,22 +82,16 @@ class CudaGraphRunner:
         """Hidden states of a decode step's sequences (every one of them samples)."""
         n = step.num_seqs
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
-        pad = size - n
         tables = step.block_tables
-        parts = [
-            np.pad(step.input_ids, (0, pad)),
-            np.pad(step.positions, (0, pad)),
-            np.pad(step.slot_mapping, (0, pad), constant_values=-1),
-            np.pad(step.seq_lens, (0, pad)),
-            tables.ravel(),
-        ]
-        flat = torch.from_numpy(np.concatenate(parts)).pin_memory().to(self.runner.device, non_blocking=True)
-        ids, pos, slots, lens, table_rows = flat.split([size, size, size, size, tables.size])
-        self.input_ids[:size].copy_(ids)
-        self.positions[:size].copy_(pos)
-        self.slot_mapping[:size].copy_(slots)
-        self.seq_lens[:size].copy_(lens)
-        self.block_tables[:n, : tables.shape[1]].copy_(table_rows.view(tables.shape))
+        # ids, positions, slots, seq_lens (each padded to `size`: slot -1 and seq_len 0), then the tables
+        packed = np.zeros(4 * size + tables.size, dtype=np.int64)
+        for i, part in enumerate((step.input_ids, step.positions, step.slot_mapping, step.seq_lens)):
+            packed[i * size : i * size + n] = part
+        packed[2 * size + n : 3 * size] = -1
+        packed[4 * size :] = tables.ravel()
+        flat = torch.from_numpy(packed).pin_memory().to(self.runner.device, non_blocking=True)
+        self.inputs[:, :size].copy_(flat[: 4 * size].view(4, size))
+        self.block_tables[:n, : tables.shape[1]].copy_(flat[4 * size :].view(tables.shape))
         if size not in self.graphs:  # enforce_eager: the same padded step, launched op by op
             return self._forward(size)[:n]
         self.graphs[size].replay()

@@ -87,7 +87,7 @@ def prepare(batch: ScheduledBatch, block_size: int) -> StepInput:
     tables[row, column] = np.fromiter(itertools.chain.from_iterable(s.block_table for s in seqs), np.int64)
     slots = tables[owner, positions // block_size] * block_size + positions % block_size
     seq_lens = begins + num_new
-    sampled = np.array([batch.samples(i) for i in range(len(seqs))], dtype=bool)
+    sampled = seq_lens == np.fromiter((len(s.token_ids) for s in seqs), np.int64, len(seqs))  # reached its end
     return StepInput(
         input_ids, positions, slots, starts, seq_lens, tables, starts[1:][sampled] - 1,
         max_query_len=int(num_new.max()), max_seq_len=int(seq_lens.max()),
