@@ -129,8 +129,13 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         size = self.block_size
-        prefix_id: int | None = None
-        for i in range(seq.num_computed_tokens // size):
+        # Blocks are published in order and stay published while held: skip back over the new full blocks
+        # only (a long sequence would otherwise walk its whole table every step).
+        first = num_full = seq.num_computed_tokens // size
+        while first > 0 and self.blocks[seq.block_table[first - 1]].key is None:
+            first -= 1
+        prefix_id = self.blocks[seq.block_table[first - 1]].prefix_id if first else None
+        for i in range(first, num_full):
             block = self.blocks[seq.block_table[i]]
             if block.key is None:
                 block.key = self._key(seq, i, prefix_id)

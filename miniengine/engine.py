@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -219,10 +219,11 @@ class Engine:
             outputs[out.request_id] = out
         return list(outputs.values())
 
-    def _step_for(self, request_ids: set[str]) -> list[RequestOutput]:
-        """One step for a loop that owns `request_ids`: their outputs; the others are kept for `step()`."""
+    def _step_for(self, request_ids: set[str], finished_only: bool = False) -> list[RequestOutput]:
+        """One step for a loop that owns `request_ids`: their outputs (with `finished_only`, only those that
+        finished: a collecting loop needs no snapshot per token); the others are kept for `step()`."""
         mine = [self._held.pop(r) for r in list(self._held) if r in request_ids]
-        for out in self._step():
+        for out in self._step(request_ids if finished_only else frozenset()):
             if out.request_id in request_ids:
                 mine.append(out)
             else:
@@ -235,7 +236,8 @@ class Engine:
         self._requests.pop(request_id, None)
         self._held.pop(request_id, None)
 
-    def _step(self) -> list[RequestOutput]:
+    def _step(self, quiet: Set[str] = frozenset()) -> list[RequestOutput]:
+        """One scheduler step; an output for each request that moved (those in `quiet`: only when finished)."""
         start = time.monotonic()
         counters = self.block_manager.hits, self.block_manager.queries, self.scheduler.num_preemptions
         moved = {r.request_id for r in self._requests.values() if r.aborted}
@@ -261,7 +263,11 @@ class Engine:
             request.last_token_times[seq.index] = now
             self._append(seq, result.token_id, result.logprobs)
             moved.add(seq.request_id)
-        outputs = [self._output(self._requests[rid]) for rid in sorted(moved, key=self._order)]
+        outputs = [
+            self._output(self._requests[rid])
+            for rid in sorted(moved, key=self._order)
+            if rid not in quiet or all(seq.is_finished for seq in self._requests[rid].seqs)
+        ]
         if self.stat_loggers:
             self._record_stats(start, counters, num_prompt_tokens, len(sampled), ttft, itl, outputs)
         return outputs
@@ -420,7 +426,7 @@ class Engine:
         bar = tqdm(total=len(request_ids), desc="generate", disable=not use_tqdm or len(request_ids) < 2)
         try:
             while pending:
-                for out in self._step_for(pending):
+                for out in self._step_for(pending, finished_only=True):
                     if out.finished:
                         done[out.request_id] = out
                         pending.discard(out.request_id)
