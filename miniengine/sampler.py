@@ -54,14 +54,14 @@ class Sampler:
             rows = torch.tensor(random_rows, device=logits.device)
             token_ids[rows] = self._draw(logits[rows], [seqs[i] for i in random_rows])
         if raw_logprobs is None:
-            return [SampleResult(t) for t in token_ids.tolist()]
+            return [SampleResult(t) for t in to_host(token_ids).tolist()]
         # One transfer: ids, the sampled token's log-prob and the top-N, as float64 (exact for token ids).
         top = max(n or 0 for n in num_logprobs)
         values, ids = raw_logprobs.topk(top, dim=-1) if top else (logits[:, :0], token_ids[:, None][:, :0])
         chosen = raw_logprobs.gather(1, token_ids[:, None])
         packed = torch.cat([token_ids[:, None].double(), chosen.double(), ids.double(), values.double()], dim=1)
         results = []
-        for row, n in zip(packed.tolist(), num_logprobs):
+        for row, n in zip(to_host(packed).tolist(), num_logprobs):
             token = int(row[0])
             logprobs = None
             if n is not None:
@@ -147,3 +147,17 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the better tokens; the best is always kept
     drop |= mass_before >= top_p[:, None]
     return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """The step's one device-to-host copy. On CUDA the host waits on an event, which releases the GIL, so
+    another thread (a server's HTTP loop) runs while the GPU finishes the step; `.tolist()` on a CUDA
+    tensor would hold the GIL for the whole wait."""
+    if tensor.device.type != "cuda":
+        return tensor.cpu()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    done.synchronize()
+    return host
