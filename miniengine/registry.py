@@ -47,6 +47,12 @@ class _ModelRegistry:
         self._models[architecture] = model
         self._withdrawn.pop(architecture, None)
 
+    def registered(self, architecture: str) -> str | type[nn.Module] | None:
+        """What `architecture` is registered as in this process: None when unknown or built in (known to every
+        process)."""
+        model = self._models.get(architecture)
+        return None if model is None or _BUILTIN.get(architecture) == model else model
+
     def supported_architectures(self) -> list[str]:
         return sorted(self._models)
 
