@@ -1,0 +1,208 @@
+"""Tensor and expert parallelism on the CPU (gloo): two ranks, the driver and one spawned worker, give the
+same greedy tokens as one rank and as transformers; faults in a worker raise promptly; shutdown leaves no
+process behind; two loopback "hosts" equal two ranks on one host.
+
+Every test starts real worker processes (a few seconds each), so each model is compared in one engine run
+that mixes decodes with prefill chunks.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from tiny_models import hf_greedy, make_tiny_model
+
+from miniengine import Engine, ModelRegistry, SamplingParams
+from miniengine.distributed import DriverOnlyModelError, WorkerError
+from miniengine.models.llama import LlamaForCausalLM
+from miniengine.models.parallel import current_tp
+
+MAX_TOKENS = 12
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+PROMPTS = [[3, 14, 15, 92, 65], list(range(20, 60)), [7] * 21, list(range(400, 433))]
+SMALL = dict(num_kv_blocks=64, max_num_batched_tokens=32, max_num_seqs=8)  # chunks the 40-token prompt
+
+
+def generate(model: str, **options) -> list[list[int]]:
+    engine = Engine(model, **SMALL, **options)
+    try:
+        return [o.outputs[0].token_ids for o in engine.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    finally:
+        engine.shutdown()
+        assert not multiprocessing.active_children(), "shutdown leaves no worker process"
+
+
+def tiny(directory, name: str) -> tuple[str, list[list[int]]]:
+    """A tiny random `name` checkpoint in `directory`, and transformers' greedy tokens for PROMPTS."""
+    make_tiny_model(directory, name)
+    return str(directory), hf_greedy(directory, PROMPTS, MAX_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return tiny(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_two_ranks_equal_one_and_transformers(name, llama, tmp_path):
+    """Llama: 4 query heads, 2 KV heads (one each); Qwen3: its own head_dim and q/k norms."""
+    directory, expected = llama if name == "llama" else tiny(tmp_path, name)
+    assert generate(directory) == expected
+    assert generate(directory, tensor_parallel_size=2) == expected
+
+
+def test_kv_heads_fewer_than_ranks_are_copied_and_dummy_weights_match(tmp_path):
+    """Qwen2 here ties its embeddings (the head is the vocab-parallel embedding) and has q/k/v biases; with 4
+    ranks and 2 KV heads each KV head lives on two ranks. Random weights are the same model at every size."""
+    directory = str(make_tiny_model(tmp_path, "qwen2"))
+    one = generate(directory, load_format="dummy")
+    assert generate(directory, load_format="dummy", tensor_parallel_size=4) == one
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe(tmp_path_factory):
+    return tiny(tmp_path_factory.mktemp("qwen3_moe"), "qwen3_moe")
+
+
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["experts-split", "expert-parallel"])
+def test_moe_two_ranks_equal_one(expert_parallel, qwen3_moe):
+    """8 experts, top-3, one dense layer: each rank holds half of every expert, or 4 whole experts."""
+    directory, expected = qwen3_moe
+    assert generate(directory, tensor_parallel_size=2, enable_expert_parallel=expert_parallel) == expected
+
+
+def test_example_plugin_model_loads_in_the_worker(llama, tmp_path):
+    from miniengine_example_plugin.checkpoint import convert_llama_checkpoint
+
+    directory, expected = llama
+    converted = str(convert_llama_checkpoint(directory, tmp_path))
+    assert generate(converted, tensor_parallel_size=2) == expected
+
+
+def test_sizes_that_do_not_divide_the_heads_are_refused(llama):
+    with pytest.raises(ValueError, match=r"tensor_parallel_size 3 does not divide num_attention_heads \(4\)"):
+        Engine(llama[0], tensor_parallel_size=3, **SMALL)
+
+
+class DriverOnlyLlama(LlamaForCausalLM):
+    pass
+
+
+class FailsInWorker(LlamaForCausalLM):
+    def __init__(self, config) -> None:
+        if current_tp().rank == 1:
+            raise RuntimeError("rank 1 cannot build this model")
+        super().__init__(config)
+
+
+def with_architecture(source: str, target, architecture: str) -> str:
+    """A copy of checkpoint `source` (symlinked files) whose config names `architecture`."""
+    import json
+
+    os.makedirs(target)
+    for name in os.listdir(source):
+        if name != "config.json":
+            os.symlink(os.path.join(source, name), os.path.join(target, name))
+    config = json.loads(open(os.path.join(source, "config.json")).read())
+    config["architectures"] = [architecture]
+    open(os.path.join(target, "config.json"), "w").write(json.dumps(config))
+    return str(target)
+
+
+def test_a_model_registered_in_the_driver_script_is_a_clear_error(llama, tmp_path):
+    script_class = type("ScriptLlama", (LlamaForCausalLM,), {"__module__": "__main__"})  # as in a user's script
+    ModelRegistry.register_model("ScriptLlamaForCausalLM", script_class)
+    directory = with_architecture(llama[0], tmp_path / "script", "ScriptLlamaForCausalLM")
+    with pytest.raises(DriverOnlyModelError, match="'ScriptLlamaForCausalLM'.*'miniengine.general_plugins'"):
+        Engine(directory, tensor_parallel_size=2, **SMALL)
+    assert not multiprocessing.active_children()
+
+
+def test_a_driver_registration_of_an_importable_class_reaches_the_worker(llama, tmp_path):
+    """The driver sends its registration as "module:Class"; a worker error comes back with its traceback."""
+    ModelRegistry.register_model("DriverOnlyLlamaForCausalLM", DriverOnlyLlama)
+    directory = with_architecture(llama[0], tmp_path / "driver", "DriverOnlyLlamaForCausalLM")
+    assert generate(directory, tensor_parallel_size=2) == llama[1]
+    ModelRegistry.register_model("FailsInWorkerForCausalLM", FailsInWorker)
+    directory = with_architecture(llama[0], tmp_path / "fails", "FailsInWorkerForCausalLM")
+    with pytest.raises(WorkerError, match="(?s)Traceback.*rank 1 cannot build this model"):
+        Engine(directory, tensor_parallel_size=2, **SMALL)
+    assert not multiprocessing.active_children()
+
+
+def test_a_killed_worker_makes_the_engine_raise_within_seconds(llama):
+    engine = Engine(llama[0], tensor_parallel_size=2, **SMALL)
+    (worker,) = engine.runner.procs
+    engine.add_request(PROMPTS[0], SamplingParams(temperature=0, max_tokens=100_000, ignore_eos=True))
+    engine.step()
+    killed = threading.Timer(0.5, os.kill, (worker.pid, signal.SIGKILL))  # mid-run: a step may be in flight
+    killed.start()
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match=f"pid {worker.pid}"):
+        while time.monotonic() - start < 60:
+            engine.step()
+    assert time.monotonic() - start < 10
+    killed.join()
+    with pytest.raises(WorkerError):  # and every later step says so too
+        engine.step()
+    engine.shutdown()
+    assert not worker.is_alive() and not multiprocessing.active_children()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_loopback_hosts_equal_two_ranks_on_one(llama):
+    """Host 1 is `miniengine worker --node-rank 1`, a separate program; host 0 is the engine."""
+    port = free_port()
+    flags = ["--distributed-init-method", f"tcp://127.0.0.1:{port}", "--tensor-parallel-size", "2", "--nnodes", "2"]
+    worker = subprocess.Popen([sys.executable, "-m", "miniengine", "worker", *flags, "--node-rank", "1"])
+    try:
+        tokens = generate(llama[0], tensor_parallel_size=2, nnodes=2, distributed_init_method=f"tcp://127.0.0.1:{port}")
+        assert worker.wait(timeout=30) == 0, "the worker host leaves when the engine shuts down"
+    finally:
+        worker.kill()
+    assert tokens == llama[1]
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past connections may linger in TIME_WAIT
+        s.bind(("127.0.0.1", port))  # nobody listens on the rendezvous port any more
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_gpu_two_ranks_equal_one_bf16(tmp_path):
+    """A Llama-3-8B-shaped model (fewer layers), random bf16 weights: two GPUs give one GPU's tokens."""
+    import json
+
+    config = dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+        max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+    )  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    options = dict(load_format="dummy", dtype="bfloat16", num_kv_blocks=512, max_num_seqs=16)
+    prompts = [[(7 * i + 13 * j) % 128000 for j in range(20 + 9 * i)] for i in range(8)]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    outputs = []
+    for size in (1, 2):
+        engine = Engine(str(tmp_path), tensor_parallel_size=size, **options)
+        outputs.append([o.outputs[0].token_ids for o in engine.generate(prompts, params, use_tqdm=False)])
+        engine.shutdown()
+    # bf16 sums in another order (two partial products, then an all-reduce) may flip a near-tie late in a
+    # sequence; as in test_gpu_models, the first tokens must agree and most of each sequence
+    for one, two in zip(*outputs):
+        assert one[:4] == two[:4]
+        assert sum(a == b for a, b in zip(one, two)) >= len(one) // 2
