@@ -165,7 +165,7 @@ def run_worker(where: Rendezvous, conn: Connection | None = None) -> None:
             if ModelRegistry.registered(arch) is None:
                 ModelRegistry.register_model(arch, target)
         platform.check_and_update_config(config)
-        tp = TensorParallel(where.rank, where.world_size, dist.group.WORLD, config.enable_expert_parallel)
+        tp = TensorParallel(where.rank, where.world_size, None, config.enable_expert_parallel)
         runner = _build_runner(config, platform, tp)
         dist.barrier(group=control)  # loaded
         while True:
@@ -244,7 +244,7 @@ class TensorParallelExecutor:
             self._wait_until_joining()
             self.control = join_group(platform, where)
             broadcast((dataclasses.replace(config, model=checkpoint.path), models), self.control)
-            tp = TensorParallel(0, size, dist.group.WORLD, ep)
+            tp = TensorParallel(0, size, None, ep)  # the layers use the default group: no reference kept
             self.model = load_model(checkpoint, platform.device(), dtype, config.load_format, config.seed, tp)
             self.runner = ModelRunner(self.model, platform, dtype, config)
             dist.barrier(group=self.control)  # every rank has its shard
@@ -292,6 +292,7 @@ class TensorParallelExecutor:
                 broadcast(("shutdown", ()), self.control)
             except RuntimeError:
                 pass  # a peer is gone already: _stop cleans up
+        self.control = None  # the group's store (its listening port) closes once nothing refers to it
         self._finalizer()
         if hasattr(self, "runner"):
             self.runner.shutdown()

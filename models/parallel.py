@@ -42,7 +42,7 @@ class TensorParallel:
 
     rank: int = 0
     size: int = 1
-    group: Any = None  # a torch.distributed ProcessGroup; None at size 1
+    group: Any = None  # a torch.distributed ProcessGroup; None: the default group (which holds every rank)
     expert_parallel: bool = False  # MoE: whole experts per rank instead of a slice of each
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,7 +56,8 @@ class TensorParallel:
             return x
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
-        dist.gather(x, parts, dst=dist.get_global_rank(self.group, 0), group=self.group)
+        dst = 0 if self.group is None else dist.get_global_rank(self.group, 0)
+        dist.gather(x, parts, dst=dst, group=self.group)
         return torch.cat(parts, dim=-1) if parts is not None else None
 
 
