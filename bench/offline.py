@@ -7,7 +7,9 @@
 miniengine loads the preset's config with `load_format="dummy"`; transformers (the peer) builds the same
 config with its own random weights. Both generate exactly each request's output length (ignore_eos). The
 floor (workloads.offline_floor) uses the bandwidth and matmul rate measured in this run; `ratio_to_floor`
-is floor time / measured time (1.0 is the hardware limit). Writes bench/results/throughput-<preset>-<gpu>-<date>.json.
+is floor time / measured time (1.0 is the hardware limit). With `--tensor-parallel-size N` the floor is one
+GPU's: the model spec is rank 0's shard, which each GPU reads in parallel with the others.
+Writes bench/results/throughput-<preset>-<gpu>-<date>.json.
 """
 
 from __future__ import annotations
@@ -190,6 +192,7 @@ def main() -> None:
             wall = time.perf_counter() - start
         result["profile"] = {"workload": "64 prompts, 128 tokens out", **profile_summary(prof, wall)}
         print(json.dumps(result["profile"], indent=1))
+    engine.shutdown()  # stops the tensor parallel workers
     if args.hf_prompts:
         del engine
         torch.cuda.empty_cache()
