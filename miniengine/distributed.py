@@ -49,7 +49,7 @@ import torch.distributed as dist
 from miniengine.config import EngineConfig
 from miniengine.extra_inputs import step_extra_inputs
 from miniengine.loader import Checkpoint, load_model, open_checkpoint, resolve_dtype
-from miniengine.model_runner import ModelRunner, prepare
+from miniengine.model_runner import ModelRunner, StepInput, prepare
 from miniengine.models.parallel import TensorParallel, check_divisible
 from miniengine.platforms import Platform, resolve_platform
 from miniengine.plugins import load_general_plugins
@@ -222,7 +222,7 @@ def _stop(procs: list[mp.Process], conns: list[Connection]) -> None:
 
 class TensorParallelExecutor:
     """Rank 0's ModelRunner plus the workers of the other ranks, behind the ModelRunner methods the engine
-    calls (`run`, `kv_blocks_that_fit`, `allocate_kv_cache`, `capture_graphs`, `shutdown`)."""
+    calls (`run`, `execute`, `kv_blocks_that_fit`, `allocate_kv_cache`, `capture_graphs`, `shutdown`)."""
 
     def __init__(self, checkpoint: Checkpoint, platform: Platform, dtype: torch.dtype, config: EngineConfig) -> None:
         size, ep = config.tensor_parallel_size, config.enable_expert_parallel
@@ -261,11 +261,15 @@ class TensorParallelExecutor:
 
     def run(self, batch: ScheduledBatch, sampler: Sampler) -> list[tuple[Sequence, SampleResult]]:
         step = prepare(batch, self.runner.block_size)
-        logits = self._call("execute", step, step_extra_inputs(self.model, batch, torch.device("cpu")))
+        logits = self.execute(step, step_extra_inputs(self.model, batch, torch.device("cpu")))
         if logits is None:
             return []
         sampled = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
         return list(zip(sampled, sampler(logits, sampled)))
+
+    def execute(self, step: StepInput, extra: dict | None = None) -> torch.Tensor | None:
+        """Every rank runs the step; rank 0's full logits of the sampled rows come back."""
+        return self._call("execute", step, extra)
 
     def kv_blocks_that_fit(self, longest: int, sampler: Sampler | None = None) -> int:
         """Each rank's fit; the engine gets the smallest."""

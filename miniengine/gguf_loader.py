@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf import GGML_QUANT_SIZES, GGUFReader
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
@@ -100,29 +100,61 @@ class GGUFCheckpoint:
     path: str
     reader: GGUFReader = field(repr=False)
 
-    def weights(self, device: torch.device | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(self, device: torch.device | None = None, lazy: bool = False) -> Iterator[tuple[str, Any]]:
         """Yield (HF name, float32 host tensor in HF shape), dequantizing one tensor at a time (the model's
-        `load_weights` casts each into its parameter on the device, so no whole fp32 copy is ever held)."""
+        `load_weights` casts each into its parameter on the device, so no whole fp32 copy is ever held).
+        `lazy`: a LazyTensor for each instead, which dequantizes only the slice a tensor parallel rank takes."""
+        from miniengine.loader import LazyTensor
+
         permuted = self.config["model_type"] == "llama"
         heads = {"attn_q": self.config["num_attention_heads"], "attn_k": self.config["num_key_value_heads"]}
         for t in self.reader.tensors:
-            try:
-                flat = dequantize(t.data, t.tensor_type)
-            except NotImplementedError as e:
-                raise ValueError(
-                    f"GGUF tensor {t.name!r} has type {t.tensor_type.name}, which gguf.quants cannot dequantize"
-                ) from e
             shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
-            try:
-                arr = np.asarray(flat, dtype=np.float32).reshape(shape)
-            except ValueError as e:
-                raise _corrupt(self.path, e) from None
             kind = t.name.split(".")[-2]
-            if permuted and kind in heads:
-                arr = _unpermute_rows(arr, heads[kind])
-            if not arr.flags.writeable or not arr.flags.c_contiguous:
-                arr = np.array(arr, order="C")  # torch wants writable memory; F32 data is a read-only mmap
-            yield _hf_tensor_name(t.name), torch.from_numpy(arr)
+            n_head = heads[kind] if permuted and kind in heads else None
+            if lazy:
+                yield (
+                    _hf_tensor_name(t.name),
+                    LazyTensor(
+                        lambda index, t=t, shape=shape, n_head=n_head: self._read(t, shape, n_head, index), shape, "cpu"
+                    ),
+                )
+            else:
+                yield _hf_tensor_name(t.name), self._read(t, shape, n_head, tuple(slice(0, n) for n in shape))
+
+    def _read(self, t: Any, shape: tuple[int, ...], n_head: int | None, index: tuple[slice, ...]) -> torch.Tensor:
+        """Dequantize `index` of tensor `t`: rows straight from their raw blocks (each row is whole blocks),
+        columns too when they start and end on block boundaries (else the rows' blocks, then the columns)."""
+        raw, columns = t.data, None
+        if len(shape) == 2:
+            rows, columns = index
+            raw = raw[rows]
+            block, block_bytes = GGML_QUANT_SIZES[t.tensor_type]
+            if raw.dtype != np.uint8:  # unquantized: elements, not bytes
+                raw, columns = raw[:, columns], None
+            elif columns.start % block == 0 and (columns.stop % block == 0 or columns.stop == shape[1]):
+                raw = raw[:, columns.start // block * block_bytes : -(-columns.stop // block) * block_bytes]
+                columns = None
+            shape = (rows.stop - rows.start, -1)
+        elif len(shape) == 1:
+            raw, shape = raw[index[0]], (-1,)
+        try:
+            flat = dequantize(raw, t.tensor_type)
+        except NotImplementedError as e:
+            raise ValueError(
+                f"GGUF tensor {t.name!r} has type {t.tensor_type.name}, which gguf.quants cannot dequantize"
+            ) from e
+        try:
+            arr = np.asarray(flat, dtype=np.float32).reshape(shape)
+        except ValueError as e:
+            raise _corrupt(self.path, e) from None
+        if columns is not None:
+            arr = arr[:, columns]
+        if n_head is not None:  # whole heads: a tensor parallel rank's rows start and end on head boundaries
+            arr = _unpermute_rows(arr, n_head * arr.shape[0] // t.shape[-1])
+        if not arr.flags.writeable or not arr.flags.c_contiguous:
+            arr = np.array(arr, order="C")  # torch wants writable memory; F32 data is a read-only mmap
+        return torch.from_numpy(arr)
 
 
 def _metadata(reader: GGUFReader) -> dict[str, Any]:
