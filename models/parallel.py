@@ -82,9 +82,10 @@ def current_tp() -> TensorParallel:
 
 def divide(n: int, size: int, what: str) -> int:
     if n % size:
+        divisors = [str(d) for d in range(1, n + 1) if n % d == 0]
+        listed = ", ".join(divisors[:8]) + (", ..." if len(divisors) > 8 else "")
         raise ValueError(
-            f"tensor_parallel_size {size} does not divide {what} ({n}): choose a size that divides it "
-            f"(one of {[d for d in range(1, n + 1) if n % d == 0][:8]}...)"
+            f"tensor_parallel_size {size} does not divide {what} ({n}): choose a size that divides it ({listed})"
         )
     return n // size
 
