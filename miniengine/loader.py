@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from miniengine.models.parallel import SINGLE, TensorParallel, building, load_param
 from miniengine.registry import ModelRegistry
@@ -44,7 +45,8 @@ class Checkpoint:
 class LazyTensor:
     """A checkpoint tensor not read yet: `narrow` picks a slice (still unread), `materialize` reads it.
 
-    Anything else asked of it (model code written for plain tensors) reads the whole slice and answers."""
+    Model code written for plain tensors still works: any other attribute, and any torch function given a
+    LazyTensor (`param.data.copy_(lazy)`), reads the whole slice first."""
 
     __slots__ = ("_read", "_index", "shape", "device")
 
@@ -70,6 +72,13 @@ class LazyTensor:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.materialize(), name)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        def read(x: Any) -> Any:
+            return x.materialize() if isinstance(x, LazyTensor) else x
+
+        return func(*tree_map(read, args), **tree_map(read, kwargs or {}))
 
 
 def default_model() -> str:

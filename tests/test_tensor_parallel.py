@@ -89,6 +89,18 @@ def test_example_plugin_model_loads_in_the_worker(llama, tmp_path):
     assert generate(converted, tensor_parallel_size=2) == expected
 
 
+def test_each_rank_sizes_its_kv_cache_and_the_smallest_count_wins(llama, monkeypatch):
+    """Each rank holds half of the KV heads, so the same memory budget per rank holds twice the blocks."""
+    monkeypatch.setenv("MINIENGINE_CPU_KV_CACHE_GIB", str(2**-10))  # 1 MiB, in every process
+    options = dict(max_num_batched_tokens=32, max_num_seqs=8)
+    counts = []
+    for size in (1, 2):
+        engine = Engine(llama[0], tensor_parallel_size=size, **options)
+        counts.append(engine.block_manager.num_blocks)
+        engine.shutdown()
+    assert counts[1] == 2 * counts[0] > 0
+
+
 def test_sizes_that_do_not_divide_the_heads_are_refused(llama):
     with pytest.raises(ValueError, match=r"tensor_parallel_size 3 does not divide num_attention_heads \(4\)"):
         Engine(llama[0], tensor_parallel_size=3, **SMALL)
