@@ -62,7 +62,7 @@ logger = logging.getLogger("miniengine")
 
 # Collectives of the forward pass give up after this long (a hung peer); MINIENGINE_DIST_TIMEOUT overrides.
 COLLECTIVE_TIMEOUT = timedelta(seconds=float(os.environ.get("MINIENGINE_DIST_TIMEOUT", 600)))
-CONTROL_TIMEOUT = timedelta(days=7)  # how long a worker waits for the next step (an idle server sends none)
+CONTROL_TIMEOUT = timedelta(days=365)  # how long a worker waits for the next step (an idle server sends none)
 GRACE_S = 3.0  # after a broken collective, how long to wait for the worker that broke it to report
 
 

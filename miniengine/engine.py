@@ -5,6 +5,9 @@
              -> append each sampled token, detokenize, check stop ids / stop strings / max_tokens
              -> free the blocks of finished sequences -> RequestOutputs of the requests that moved
 
+`runner` is a ModelRunner, or with `tensor_parallel_size` > 1 a TensorParallelExecutor (distributed.py) that
+runs the same step on every rank and returns rank 0's tokens: this loop is the same either way.
+
 `generate`, `chat` and `stream` are loops over `step` for programs that do not run their own. A step
 moves every request, so when such a loop meets outputs of requests it did not add (a host's
 `add_request`), it keeps them and the next `step()` hands them back: no output is ever lost. The engine
