@@ -37,6 +37,7 @@ import threading
 import time
 import traceback
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
@@ -203,21 +204,22 @@ def spawn_workers(first: int, count: int, where: Rendezvous) -> tuple[list[mp.Pr
     return procs, conns
 
 
-def _stop(procs: list[mp.Process], conns: list[Connection]) -> None:
-    """Stop the workers (they should be leaving already) and leave the group; safe to call twice."""
-    deadline = time.monotonic() + 5
+def _stop(procs: list[mp.Process], conns: list[Connection], wait_s: float = 0.0) -> None:
+    """Wait up to `wait_s` for the workers to leave (they were told to), kill the rest, leave the group;
+    safe to call twice. (At interpreter exit nothing was said to them: they are killed at once.)"""
+    deadline = time.monotonic() + wait_s
     for proc in procs:
         proc.join(max(0.0, deadline - time.monotonic()))
     for proc in procs:
         if proc.is_alive():
             proc.kill()
-            proc.join(2)
+            proc.join(5)
     for conn in conns:
         conn.close()
     procs.clear()
     conns.clear()
     if dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # closes the connections: a worker on another host leaves too
 
 
 class TensorParallelExecutor:
@@ -240,6 +242,7 @@ class TensorParallelExecutor:
         self.procs, self.conns = spawn_workers(0, size // config.nnodes - 1, where)
         self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns)
         self._errors: dict[int, str] = {}  # local worker index -> its traceback
+        self._broken: BaseException | None = None  # a step that failed: the ranks are out of step since
         try:
             self._wait_until_joining()
             self.control = join_group(platform, where)
@@ -249,7 +252,10 @@ class TensorParallelExecutor:
             self.runner = ModelRunner(self.model, platform, dtype, config)
             dist.barrier(group=self.control)  # every rank has its shard
         except BaseException as error:
-            failure = self._worker_failure()
+            # A broken collective (RuntimeError) is a worker's fault, whose error says more; any other error
+            # is the driver's own (the workers, loading the same checkpoint, likely meet it too).
+            failure = self._worker_failure() if isinstance(error, RuntimeError) else None
+            self._broken = error
             self.shutdown()
             if failure is not None:
                 raise failure from error
@@ -287,17 +293,20 @@ class TensorParallelExecutor:
         return self.runner.kv_block_bytes()
 
     def shutdown(self) -> None:
-        """Tell the workers to leave, wait for them (killing the ones that do not), close the group."""
+        """Tell the workers to leave and wait for them (killing any that do not), then close the group.
+        After a failure nobody is told (the ranks may be inside different collectives): all are killed."""
         if self._closed:
             return
         self._closed = True
-        if hasattr(self, "control") and all(p.is_alive() for p in self.procs):
+        polite = self._broken is None and hasattr(self, "control") and all(p.is_alive() for p in self.procs)
+        if polite:
             try:
                 broadcast(("shutdown", ()), self.control)
             except RuntimeError:
-                pass  # a peer is gone already: _stop cleans up
+                polite = False  # a peer is gone already
         self.control = None  # the group's store (its listening port) closes once nothing refers to it
-        self._finalizer()
+        self._finalizer.detach()
+        _stop(self.procs, self.conns, wait_s=5.0 if polite else 0.0)
         if hasattr(self, "runner"):
             self.runner.shutdown()
 
@@ -317,18 +326,26 @@ class TensorParallelExecutor:
 
         return self._guard(everywhere)
 
-    def _guard(self, action: Any) -> Any:
+    def _guard(self, action: Callable[[], Any]) -> Any:
+        """Run `action`; if it raises, the ranks are out of step for good: every later call raises too, and
+        a broken collective is reported as the failed worker's error."""
+        if self._broken is not None:
+            raise RuntimeError(
+                f"an earlier step failed ({type(self._broken).__name__}: {self._broken}); the tensor parallel "
+                "ranks are out of step: shut this engine down and build a new one"
+            ) from self._broken
         try:
             return action()
         except Exception as error:
-            failure = self._worker_failure()
+            self._broken = error
+            failure = self._worker_failure() if isinstance(error, RuntimeError) else None
             if failure is None:
                 raise
             raise failure from error
 
     def _worker_failure(self, wait_s: float = GRACE_S) -> WorkerError | None:
         """A WorkerError for the first local worker that reported an error or died (waiting up to `wait_s`
-        for one to do so), or None."""
+        for one to do so), or None. Once found, it is the answer to every later call."""
         deadline = time.monotonic() + wait_s
         while True:
             for i, (proc, conn) in enumerate(zip(self.procs, self.conns)):

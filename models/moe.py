@@ -8,6 +8,11 @@ in a few layers). The experts live in two stacked parameters, `experts.gate_up_p
 `experts.down_proj` [E, H, I], the kernel's layout and transformers 5's fused one. Hub checkpoints store one
 tensor per expert and projection; `load_weights` places those into the stacks and checks every expert
 arrived.
+
+Over several ranks (parallel.py) the experts are split along their intermediate dimension (every rank runs
+every (token, expert) pair on its slice), or with expert parallelism placed whole on ranks (each rank runs
+only the pairs of its experts). Either way each rank already holds every token, so dispatch costs nothing,
+and one all-reduce combines the ranks' partial sums: the same single collective the dense MLP needs.
 """
 
 from __future__ import annotations
