@@ -227,6 +227,8 @@ def test_gpu_two_ranks_equal_one_bf16(tmp_path):
         one, two = ([o.outputs[0].token_ids for o in e.generate(prompts, params, use_tqdm=False)] for e in engines)
         exact = 0
         for prompt, a, b in zip(prompts, one, two):
+            single, split = (logits_after(e, prompt) for e in engines)  # a broken shard is off by O(1), not 1%
+            assert (single - split).abs().max() <= 0.05 * single.abs().max(), f"prompt of {len(prompt)} tokens"
             step = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
             if step is None:
                 exact += 1
@@ -235,7 +237,7 @@ def test_gpu_two_ranks_equal_one_bf16(tmp_path):
             top2 = single.topk(2).values
             difference = (single - split).abs().max().item()
             assert (top2[0] - top2[1]).item() <= difference, f"prompt of {len(prompt)}: parted at step {step}"
-        assert exact >= len(prompts) // 2, f"only {exact}/{len(prompts)} prompts gave identical tokens"
+        print(f"\nTP=2 vs TP=1, bf16: {exact}/{len(prompts)} prompts identical")
     finally:
         for engine in engines:
             engine.shutdown()
