@@ -61,6 +61,24 @@ def test_two_ranks_equal_one_and_transformers(name, llama, tmp_path):
     assert generate(directory, tensor_parallel_size=2) == expected
 
 
+def test_one_message_per_step(llama, monkeypatch):
+    """The driver sends the workers one broadcast per step (the layers' collectives aside)."""
+    import miniengine.distributed as distributed
+
+    engine = Engine(llama[0], tensor_parallel_size=2, **SMALL)
+    messages, steps = [], []
+    send, run = distributed.broadcast, engine.runner.run
+    monkeypatch.setattr(
+        distributed, "broadcast", lambda message, group: messages.append(message[0]) or send(message, group)
+    )
+    monkeypatch.setattr(engine.runner, "run", lambda *args: steps.append(1) or run(*args))
+    try:
+        assert [o.outputs[0].token_ids for o in engine.generate(PROMPTS, GREEDY, use_tqdm=False)] == llama[1]
+    finally:
+        engine.shutdown()
+    assert messages == ["execute"] * len(steps) + ["shutdown"] and len(steps) > MAX_TOKENS
+
+
 def test_kv_heads_fewer_than_ranks_are_copied_and_dummy_weights_match(tmp_path):
     """Qwen2 here ties its embeddings (the head is the vocab-parallel embedding) and has q/k/v biases; with 4
     ranks and 2 KV heads each KV head lives on two ranks. Random weights are the same model at every size."""
