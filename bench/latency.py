@@ -89,12 +89,14 @@ def main() -> None:
         prompt = [random.Random(0).randrange(1000, 30000) for _ in range(args.prompt_len)]
         per_token, _, engine = ours(name, prompt, args.output_len, args.tensor_parallel_size)
         spec = ModelSpec.from_model(engine.runner.model, engine.hf_config, engine.dtype)
+        engine.shutdown()  # stops the tensor parallel workers
         del engine
         gc.collect()  # the engine's runner and graphs hold each other: free the KV cache before transformers loads
         torch.cuda.empty_cache()
         mean_context = args.prompt_len + args.output_len / 2
-        # With tensor parallelism each GPU reads its shard; the floor is one GPU's share of the bytes.
-        floor = (spec.weight_bytes + mean_context * spec.kv_bytes_per_token) / bandwidth / args.tensor_parallel_size
+        # With tensor parallelism each GPU reads its shard at once: engine.runner.model is rank 0's shard, so
+        # the spec's bytes (weights and KV per token) are already one GPU's share.
+        floor = (spec.weight_bytes + mean_context * spec.kv_bytes_per_token) / bandwidth
         row = {"preset": name, "ms_per_token": 1e3 * per_token, "floor_ms": 1e3 * floor,
                "ratio_to_floor": floor / per_token, "tensor_parallel_size": args.tensor_parallel_size}  # fmt: skip
         if not args.skip_hf:

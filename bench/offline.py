@@ -8,7 +8,9 @@ miniengine loads the preset's config with `load_format="dummy"`; transformers (t
 config with its own random weights. Both generate exactly each request's output length (ignore_eos). The
 floor (workloads.offline_floor) uses the bandwidth and matmul rate measured in this run; `ratio_to_floor`
 is floor time / measured time (1.0 is the hardware limit). The workload runs twice and the second run is
-timed: the first compiles the Triton kernel variants it meets (reported as `cold_run_s`).
+timed: the first compiles the Triton kernel variants it meets (reported as `cold_run_s`). With
+`--tensor-parallel-size N` the floor is one GPU's: the model spec is rank 0's shard, which each GPU reads in
+parallel with the others.
 Writes bench/results/throughput-<preset>-<gpu>-<date>.json.
 """
 
@@ -198,6 +200,7 @@ def main() -> None:
             wall = time.perf_counter() - start
         result["profile"] = {"workload": "64 prompts, 128 tokens out", **profile_summary(prof, wall)}
         print(json.dumps(result["profile"], indent=1))
+    engine.shutdown()  # stops the tensor parallel workers
     if args.hf_prompts:
         del engine
         torch.cuda.empty_cache()

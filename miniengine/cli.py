@@ -1,5 +1,6 @@
-"""The command line: `miniengine generate [options] PROMPT...` and `miniengine serve [MODEL] [options]`
-(also `python -m miniengine ...`).
+"""The command line: `miniengine generate [options] PROMPT...`, `miniengine serve [MODEL] [options]`, and
+`miniengine worker ...` (the tensor parallel ranks of another host: distributed.py) (also `python -m
+miniengine ...`).
 
 The engine's flags are made from `EngineConfig`'s fields in one place (`add_config_flags`), spelled as
 vLLM spells them (`max_num_seqs` -> `--max-num-seqs`, a bool -> `--enable-prefix-caching` and
@@ -74,6 +75,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str], list[str]]:
     srv.add_argument("model", nargs="?", default=None, help="HF-style directory or .gguf file (default: SmolLM2)")
     add_config_flags(srv, EngineConfig, skip=("model",))
     server_names = add_config_flags(srv, ServerConfig)
+
+    work = commands.add_parser("worker", help="run this host's tensor parallel ranks of an engine on another host")
+    work.add_argument("--distributed-init-method", required=True, help="tcp://HOST:PORT of the engine's host")
+    work.add_argument("--tensor-parallel-size", type=int, required=True, help="all ranks, on every host")
+    work.add_argument("--nnodes", type=int, required=True, help="hosts in all")
+    work.add_argument("--node-rank", type=int, required=True, help="this host: 1 .. nnodes-1 (0 runs the engine)")
+    work.add_argument("--device", default="auto")
     return parser, engine_names, server_names
 
 
@@ -83,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args, engine_names, server_names)
+        if args.command == "worker":
+            return _worker(args)
         params = SamplingParams(
             n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
             repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, stop=args.stop,
@@ -103,6 +113,20 @@ def _serve(args: argparse.Namespace, engine_names: list[str], server_names: list
     # A key on the command line shows in `ps`; the environment does not.
     options.setdefault("api_key", os.environ.get("MINIENGINE_API_KEY") or None)
     return serve(args.model, ServerConfig(**options), given(args, engine_names))
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from miniengine.distributed import Rendezvous, run_node
+
+    size, nnodes, node = args.tensor_parallel_size, args.nnodes, args.node_rank
+    if nnodes < 2 or size % nnodes or not 0 < node < nnodes:
+        raise ValueError(
+            f"--nnodes {nnodes} --node-rank {node} --tensor-parallel-size {size}: a worker host needs nnodes >= 2, "
+            "node-rank in 1..nnodes-1 (host 0 runs the engine), and a size that is a multiple of nnodes"
+        )
+    per_node = size // nnodes
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_node(Rendezvous(args.distributed_init_method, size, node * per_node, 0, args.device), per_node)
 
 
 def _run(engine: Engine, texts: list[str], prompts: list, params: SamplingParams, stream: bool) -> int:

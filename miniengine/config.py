@@ -21,6 +21,10 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # fix the KV cache size instead of measuring memory
     enforce_eager: bool = False  # never replay captured graphs (CUDA graphs for decode steps)
     seed: int = 0
+    tensor_parallel_size: int = 1  # ranks the model is split over: this process and N-1 workers (distributed.py)
+    enable_expert_parallel: bool = False  # MoE: whole experts per rank instead of a slice of every expert
+    distributed_init_method: str | None = None  # tcp://HOST:PORT for several hosts; None: a free loopback port
+    nnodes: int = 1  # hosts the ranks are spread over; the others run `miniengine worker --node-rank K`
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -35,6 +39,18 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len={self.max_model_len} must be at least 2")
+        if self.tensor_parallel_size < 1 or self.nnodes < 1:
+            raise ValueError("tensor_parallel_size and nnodes must be at least 1")
+        if self.tensor_parallel_size % self.nnodes:
+            raise ValueError(
+                f"tensor_parallel_size {self.tensor_parallel_size} is not a multiple of nnodes {self.nnodes}: "
+                "every host runs the same number of ranks"
+            )
+        if self.nnodes > 1 and not self.distributed_init_method:
+            raise ValueError(
+                "nnodes > 1 needs distributed_init_method (--distributed-init-method tcp://HOST:PORT, an address "
+                "of this host that the other hosts reach)"
+            )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks={self.num_kv_blocks} must be at least 1")
 

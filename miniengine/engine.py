@@ -5,6 +5,9 @@
              -> append each sampled token, detokenize, check stop ids / stop strings / max_tokens
              -> free the blocks of finished sequences -> RequestOutputs of the requests that moved
 
+`runner` is a ModelRunner, or with `tensor_parallel_size` > 1 a TensorParallelExecutor (distributed.py) that
+runs the same step on every rank and returns rank 0's tokens: this loop is the same either way.
+
 `generate`, `chat` and `stream` are loops over `step` for programs that do not run their own. A step
 moves every request, so when such a loop meets outputs of requests it did not add (a host's
 `add_request`), it keeps them and the next `step()` hands them back: no output is ever lost. The engine
@@ -17,16 +20,15 @@ import itertools
 import time
 from collections.abc import Iterator, Set
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from tqdm import tqdm
 
 from miniengine.block_manager import BlockManager
 from miniengine.config import EngineConfig
 from miniengine.extra_inputs import extra_input_specs, prepare_extra_inputs
-from miniengine.loader import load_model, open_checkpoint, resolve_dtype
-from miniengine.model_runner import ModelRunner, kv_cache_shape
+from miniengine.loader import Checkpoint, load_model, open_checkpoint, resolve_dtype
+from miniengine.model_runner import ModelRunner
 from miniengine.outputs import CompletionOutput, RequestOutput, StreamDelta, TextState
 from miniengine.platforms import resolve_platform
 from miniengine.plugins import load_general_plugins, load_stat_logger_plugins
@@ -36,6 +38,9 @@ from miniengine.scheduler import Scheduler
 from miniengine.sequence import Sequence
 from miniengine.stats import LoggingStatLogger, RequestStats, StatLogger, StepStats
 from miniengine.tokenizer import IncrementalDetokenizer
+
+if TYPE_CHECKING:
+    from miniengine.distributed import TensorParallelExecutor
 
 Prompt = str | list[int] | dict[str, Any]
 
@@ -79,16 +84,19 @@ class Engine:
         self.hf_config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
         self.dtype = resolve_dtype(config.dtype, checkpoint.config, self.platform.default_dtype())
-        model_obj = load_model(checkpoint, self.platform.device(), self.dtype, config.load_format, config.seed)
         self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else set()
         self.sampler = Sampler(self.eos_token_ids, self.platform.device(), config.seed)
-        self.runner = ModelRunner(model_obj, self.platform, self.dtype, config)
-        self.extra_input_specs = extra_input_specs(model_obj)
-        num_blocks = config.num_kv_blocks or self._num_blocks_that_fit(model_obj)
-        self.runner.allocate_kv_cache(num_blocks)
-        self.max_model_len = config.resolve_max_model_len(checkpoint.config, num_blocks * config.block_size)
-        if self.platform.supports_graphs:
-            self.runner.capture_graphs(config.max_num_seqs, self.max_model_len, capture=not config.enforce_eager)
+        self.runner = self._executor(checkpoint)
+        try:
+            self.extra_input_specs = extra_input_specs(self.runner.model)
+            num_blocks = config.num_kv_blocks or self._num_blocks_that_fit()
+            self.runner.allocate_kv_cache(num_blocks)
+            self.max_model_len = config.resolve_max_model_len(checkpoint.config, num_blocks * config.block_size)
+            if self.platform.supports_graphs:
+                self.runner.capture_graphs(config.max_num_seqs, self.max_model_len, not config.enforce_eager)
+        except BaseException:
+            self.runner.shutdown()  # workers, if any, must not outlive a failed start
+            raise
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self._requests: dict[str, _Request] = {}
@@ -98,25 +106,35 @@ class Engine:
         # Outputs a generate/stream loop met for requests it did not add, for the next step() to hand back.
         self._held: dict[str, RequestOutput] = {}
 
-    def _num_blocks_that_fit(self, model: torch.nn.Module) -> int:
-        """As many KV blocks as the platform's memory budget holds, after a profiling run of a full step."""
+    def _executor(self, checkpoint: Checkpoint) -> ModelRunner | TensorParallelExecutor:
+        """What runs the model: a ModelRunner in this process, or (tensor_parallel_size > 1) rank 0's
+        ModelRunner plus a worker process for each other rank, behind the same methods (distributed.py)."""
         config = self.config
-        model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        longest = config.max_model_len or getattr(self.hf_config, "max_position_embeddings", None) or 4096
+        if config.tensor_parallel_size > 1:
+            from miniengine.distributed import TensorParallelExecutor
 
-        def profile() -> int:
-            return self.runner.profile(config.max_num_batched_tokens, config.max_num_seqs, longest, self.sampler)
+            return TensorParallelExecutor(checkpoint, self.platform, self.dtype, config)
+        model = load_model(checkpoint, self.platform.device(), self.dtype, config.load_format, config.seed)
+        return ModelRunner(model, self.platform, self.dtype, config)
 
-        budget = self.platform.kv_cache_bytes(config, model_bytes, profile)
-        shape = kv_cache_shape(model, 1, config.block_size)
-        per_block = torch.Size(shape).numel() * self.dtype.itemsize
-        if budget < per_block:
+    def shutdown(self) -> None:
+        """Stop the tensor parallel workers (if any) and free the KV cache; the engine cannot run after this.
+        (Interpreter exit stops the workers too.)"""
+        self.runner.shutdown()
+
+    def _num_blocks_that_fit(self) -> int:
+        """As many KV blocks as the memory budget holds on every rank, after a profiling run of a full step."""
+        longest = self.config.max_model_len or getattr(self.hf_config, "max_position_embeddings", None) or 4096
+        num_blocks = self.runner.kv_blocks_that_fit(longest, self.sampler)
+        if num_blocks < 1:
+            model_bytes = sum(p.numel() * p.element_size() for p in self.runner.model.parameters())
             raise MemoryError(
-                f"no room for a single KV block ({per_block:,} bytes) after the weights ({model_bytes / 2**30:.2f} "
-                "GiB) and a full step's activations: raise --gpu-memory-utilization, lower "
-                "--max-num-batched-tokens, or use a smaller model"
+                f"no room for a single KV block ({self.runner.kv_block_bytes():,} bytes) after the weights "
+                f"({model_bytes / 2**30:.2f} GiB) and a full step's activations: raise --gpu-memory-utilization, "
+                "lower --max-num-batched-tokens, use a smaller model, or split it over more devices "
+                "(--tensor-parallel-size)"
             )
-        return budget // per_block
+        return num_blocks
 
     # ---- the loop pieces ---------------------------------------------------------------------------------
 

@@ -176,3 +176,11 @@ def dummy_extra_inputs(model: Any, num_tokens: int, device: torch.device) -> dic
         if len(index):
             rows[name] = ExtraInputRows(index, spec.dummy_rows(len(index)).to(device))
     return {"extra_inputs": rows}
+
+
+def extra_inputs_to(extra: dict[str, Any] | None, device: torch.device) -> dict[str, Any] | None:
+    """`step_extra_inputs`' result on `device` (a tensor parallel step ships it from the host to every rank)."""
+    if not extra:
+        return extra
+    rows = extra["extra_inputs"]
+    return {"extra_inputs": {n: ExtraInputRows(r.index.to(device), r.values.to(device)) for n, r in rows.items()}}

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf import GGML_QUANT_SIZES, GGUFReader
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
@@ -100,9 +100,13 @@ class GGUFCheckpoint:
     path: str
     reader: GGUFReader = field(repr=False)
 
-    def weights(self, device: torch.device | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(self, device: torch.device | None = None, lazy: bool = False) -> Iterator[tuple[str, Any]]:
         """Yield (HF name, float32 host tensor in HF shape), dequantizing one tensor at a time (the model's
-        `load_weights` casts each into its parameter on the device, so no whole fp32 copy is ever held)."""
+        `load_weights` casts each into its parameter on the device, so no whole fp32 copy is ever held).
+        `lazy` (tensor parallel loading): a LazyTensor for each instead, see `_lazy_weights`."""
+        if lazy:
+            yield from self._lazy_weights()
+            return
         permuted = self.config["model_type"] == "llama"
         heads = {"attn_q": self.config["num_attention_heads"], "attn_k": self.config["num_key_value_heads"]}
         for t in self.reader.tensors:
@@ -123,6 +127,53 @@ class GGUFCheckpoint:
             if not arr.flags.writeable or not arr.flags.c_contiguous:
                 arr = np.array(arr, order="C")  # torch wants writable memory; F32 data is a read-only mmap
             yield _hf_tensor_name(t.name), torch.from_numpy(arr)
+
+    def _lazy_weights(self) -> Iterator[tuple[str, Any]]:
+        """(HF name, LazyTensor): a tensor parallel rank narrows each to its slice, and only that is read."""
+        from miniengine.loader import LazyTensor
+
+        permuted = self.config["model_type"] == "llama"
+        heads = {"attn_q": self.config["num_attention_heads"], "attn_k": self.config["num_key_value_heads"]}
+        for t in self.reader.tensors:
+            shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
+            kind = t.name.split(".")[-2]
+            n_head = heads[kind] if permuted and kind in heads else None
+
+            def read(index: tuple[slice, ...], t: Any = t, shape: tuple = shape, n_head: int | None = n_head):
+                return _read_slice(t, shape, n_head, index)
+
+            yield _hf_tensor_name(t.name), LazyTensor(read, shape, "cpu")
+
+
+def _read_slice(t: Any, shape: tuple[int, ...], n_head: int | None, index: tuple[slice, ...]) -> torch.Tensor:
+    """Dequantize only `index` of GGUF tensor `t`: its rows straight from their raw blocks (a row is whole
+    blocks), and its columns too when they start and end on block boundaries (else the rows are dequantized,
+    then cut). Llama q/k rows are un-permuted per head: a tensor parallel slice is whole heads."""
+    raw, columns = t.data, None
+    if len(shape) == 2:
+        rows, columns = index
+        raw = raw[rows]
+        block, block_bytes = GGML_QUANT_SIZES[t.tensor_type]
+        if raw.dtype != np.uint8:  # an unquantized tensor held as its elements
+            raw, columns = raw[:, columns], None
+        elif columns.start % block == 0 and (columns.stop % block == 0 or columns.stop == shape[1]):
+            raw = raw[:, columns.start // block * block_bytes : -(-columns.stop // block) * block_bytes]
+            columns = None
+        shape = (rows.stop - rows.start, -1)
+    elif len(shape) == 1:
+        raw, shape = raw[index[0]], (-1,)
+    try:
+        flat = dequantize(np.ascontiguousarray(raw), t.tensor_type)
+    except NotImplementedError as e:
+        raise ValueError(
+            f"GGUF tensor {t.name!r} has type {t.tensor_type.name}, which gguf.quants cannot dequantize"
+        ) from e
+    weight = torch.from_numpy(np.array(flat, dtype=np.float32).reshape(shape))
+    if columns is not None:
+        weight = weight[:, columns]
+    if n_head is not None:
+        weight = _unpermute_rows(weight, n_head * weight.shape[0] // t.shape[-1])
+    return weight.contiguous()
 
 
 def _metadata(reader: GGUFReader) -> dict[str, Any]:

@@ -4,6 +4,10 @@ A checkpoint is a Hugging Face style directory (config.json, *.safetensors or a 
 tokenizer_config.json) or a single .gguf file (llama.cpp's format: see gguf_loader.py). `load_format="dummy"`
 skips the weights and fills every parameter with seeded random values of the right shape (for benchmarks
 and tests of models nobody can download here). No pickle is ever loaded.
+
+Under tensor parallelism (`tp.size > 1`) the checkpoint yields `LazyTensor`s instead of tensors: a handle on
+a tensor in the file that a parallel layer narrows to its rank's rows or columns, so each rank reads only
+its own slices (safetensors' `get_slice`).
 """
 
 from __future__ import annotations
@@ -13,11 +17,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from torch import nn
+from torch.utils._pytree import tree_map
 
+from miniengine.models.parallel import SINGLE, TensorParallel, building, load_param
 from miniengine.registry import ModelRegistry
 from miniengine.tokenizer import Tokenizer
 
@@ -31,7 +38,47 @@ class Checkpoint:
     path: str
     config: SimpleNamespace  # the Hugging Face config, attribute access
     tokenizer: Tokenizer | None
-    weights: Callable[[torch.device], Iterator[tuple[str, torch.Tensor]]]  # (name, tensor), one at a time
+    # (name, tensor), one at a time; lazy=True: (name, LazyTensor), read when narrowed and materialized
+    weights: Callable[..., Iterator[tuple[str, Any]]]
+
+
+class LazyTensor:
+    """A checkpoint tensor not read yet: `narrow` picks a slice (still unread), `materialize` reads it.
+
+    Model code written for plain tensors still works: any other attribute, and any torch function given a
+    LazyTensor (`param.data.copy_(lazy)`), reads the whole slice first."""
+
+    __slots__ = ("_read", "_index", "shape", "device")
+
+    def __init__(self, read: Callable[[tuple[slice, ...]], torch.Tensor], shape: tuple[int, ...], device) -> None:
+        self._read, self.shape, self.device = read, torch.Size(shape), device
+        self._index = tuple(slice(0, n) for n in shape)
+
+    def narrow(self, dim: int, start: int, length: int) -> LazyTensor:
+        dim = dim % len(self.shape)
+        if not 0 <= start <= start + length <= self.shape[dim]:
+            raise ValueError(f"narrow({dim}, {start}, {length}) is outside a tensor of shape {tuple(self.shape)}")
+        view = LazyTensor(self._read, self.shape, self.device)
+        base = self._index[dim].start
+        view._index = self._index[:dim] + (slice(base + start, base + start + length),) + self._index[dim + 1 :]
+        view.shape = torch.Size(self.shape[:dim] + (length,) + self.shape[dim + 1 :])
+        return view
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def materialize(self) -> torch.Tensor:
+        return self._read(self._index).to(self.device)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.materialize(), name)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        def read(x: Any) -> Any:
+            return x.materialize() if isinstance(x, LazyTensor) else x
+
+        return func(*tree_map(read, args), **tree_map(read, kwargs or {}))
 
 
 def default_model() -> str:
@@ -64,7 +111,7 @@ def open_checkpoint(model: str | None) -> Checkpoint:
     gen_file = path / "generation_config.json"
     generation = json.loads(gen_file.read_text()) if gen_file.exists() else {}
     tokenizer = Tokenizer.from_dir(path, _eos_ids(config, generation))
-    return Checkpoint(str(path), config, tokenizer, lambda device: _safetensors_weights(path, device))
+    return Checkpoint(str(path), config, tokenizer, lambda device, lazy=False: _safetensors_weights(path, device, lazy))
 
 
 def _eos_ids(config: SimpleNamespace, generation: dict) -> set[int]:
@@ -77,8 +124,9 @@ def _eos_ids(config: SimpleNamespace, generation: dict) -> set[int]:
     return ids
 
 
-def _safetensors_weights(path: Path, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each tensor read straight onto `device` (a GPU run never holds the checkpoint in host memory)."""
+def _safetensors_weights(path: Path, device: torch.device, lazy: bool = False) -> Iterator[tuple[str, Any]]:
+    """Each tensor read straight onto `device` (a GPU run never holds the checkpoint in host memory);
+    `lazy`: a `LazyTensor` on each, valid while the iteration is on that tensor's file."""
     index = path / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -89,7 +137,11 @@ def _safetensors_weights(path: Path, device: torch.device) -> Iterator[tuple[str
     for name in files:
         with safe_open(str(path / name), framework="pt", device=str(device)) as f:
             for key in f.keys():
-                yield key, f.get_tensor(key)
+                if lazy:
+                    part = f.get_slice(key)
+                    yield key, LazyTensor(part.__getitem__, tuple(part.get_shape()), device)
+                else:
+                    yield key, f.get_tensor(key)
 
 
 def resolve_dtype(dtype: str | torch.dtype, config: SimpleNamespace, default: torch.dtype) -> torch.dtype:
@@ -108,22 +160,29 @@ def resolve_dtype(dtype: str | torch.dtype, config: SimpleNamespace, default: to
 
 
 def load_model(
-    checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, load_format: str, seed: int
+    checkpoint: Checkpoint,
+    device: torch.device,
+    dtype: torch.dtype,
+    load_format: str,
+    seed: int,
+    tp: TensorParallel = SINGLE,
 ) -> nn.Module:
+    """Build the model (this rank's shard of it, under tensor parallelism) and fill its weights."""
     if load_format not in ("auto", "dummy"):
         raise ValueError(f"load_format {load_format!r} is not one of auto, dummy")
     model_cls = ModelRegistry.resolve(list(getattr(checkpoint.config, "architectures", None) or []))
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device(device), building(tp):
             model = model_cls(checkpoint.config)
     finally:
         torch.set_default_dtype(previous)
     if load_format == "dummy":
         fill_dummy_weights(model, seed)
     else:
-        loaded = model.load_weights(checkpoint.weights(device))
+        weights = checkpoint.weights(device, lazy=True) if tp.size > 1 else checkpoint.weights(device)
+        loaded = model.load_weights(weights)
         missing = {name for name, _ in model.named_parameters()} - loaded
         if missing:
             raise ValueError(f"{checkpoint.path} lacks weights for {sorted(missing)[:5]} ({len(missing)} in all)")
@@ -132,7 +191,8 @@ def load_model(
 
 def fill_dummy_weights(model: nn.Module, seed: int, scale: float = 0.05) -> None:
     """Seeded uniform(-scale, scale) weights, drawn on the weights' own device; norm weights stay 1 so
-    activations keep their size."""
+    activations keep their size. A parameter split across ranks is drawn whole and loaded as a checkpoint
+    tensor would be, so every tensor parallel size makes the same model."""
     generators: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -140,4 +200,9 @@ def fill_dummy_weights(model: nn.Module, seed: int, scale: float = 0.05) -> None
                 continue
             if param.device not in generators:
                 generators[param.device] = torch.Generator(param.device).manual_seed(seed)
-            param.uniform_(-scale, scale, generator=generators[param.device])
+            full_shape = getattr(param, "full_shape", param.shape)
+            if tuple(full_shape) == tuple(param.shape) and not hasattr(param, "weight_loader"):
+                param.uniform_(-scale, scale, generator=generators[param.device])
+                continue
+            full = torch.empty(full_shape, dtype=param.dtype, device=param.device)
+            load_param(param, full.uniform_(-scale, scale, generator=generators[param.device]), name)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from miniengine.config import EngineConfig
-from miniengine.extra_inputs import dummy_extra_inputs, step_extra_inputs
+from miniengine.extra_inputs import dummy_extra_inputs, extra_inputs_to, step_extra_inputs
 from miniengine.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from miniengine.models.layers import Attention
 from miniengine.platforms import Platform
@@ -154,17 +154,45 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch, sampler: Sampler) -> list[tuple[Sequence, SampleResult]]:
         """Forward the batch; sample for the sequences that reached their last token, in batch order."""
         step = prepare(batch, self.block_size)
-        hidden = self.forward(step, step_extra_inputs(self.model, batch, self.device))
-        sampled = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
-        if not sampled:
+        logits = self.execute(step, step_extra_inputs(self.model, batch, self.device))
+        if logits is None:
             return []
-        logits = self.model.compute_logits(hidden)
+        sampled = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
         return list(zip(sampled, sampler(logits, sampled)))
 
     @torch.inference_mode()
-    def profile(self, num_tokens: int, max_num_seqs: int, max_model_len: int, sampler: Sampler) -> int:
+    def execute(self, step: StepInput, extra: dict | None = None) -> torch.Tensor | None:
+        """The logits of the step's sampled rows (None when none is sampled, and on tensor parallel ranks
+        other than 0, which send their slice of the vocabulary to rank 0)."""
+        hidden = self.forward(step, extra_inputs_to(extra, self.device))
+        return self.model.compute_logits(hidden) if len(step.sample_rows) else None
+
+    def kv_blocks_that_fit(self, longest: int, sampler: Sampler | None = None) -> int:
+        """As many KV blocks as the platform's memory budget holds, after a profiling run of a full step
+        (0 when not even one fits)."""
+        config = self.config
+        model_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+        def profile() -> int:
+            return self.profile(config.max_num_batched_tokens, config.max_num_seqs, longest, sampler)
+
+        budget = self.platform.kv_cache_bytes(config, model_bytes, profile)
+        return budget // self.kv_block_bytes()
+
+    def kv_block_bytes(self) -> int:
+        return torch.Size(kv_cache_shape(self.model, 1, self.block_size)).numel() * self.dtype.itemsize
+
+    def shutdown(self) -> None:
+        """Free the KV cache and the captured graphs."""
+        self.kv_cache, self.graphs = torch.empty(0), None
+        for layer in attention_layers(self.model):
+            layer.k_cache = layer.v_cache = self.kv_cache
+
+    @torch.inference_mode()
+    def profile(self, num_tokens: int, max_num_seqs: int, max_model_len: int, sampler: Sampler | None) -> int:
         """Run a forward pass of a full step (`num_tokens` prompt tokens) and sample `max_num_seqs` rows;
-        returns the peak bytes the device held meanwhile, less the scratch KV cache this needed."""
+        returns the peak bytes the device held meanwhile, less the scratch KV cache this needed. (A tensor
+        parallel rank other than 0 has no sampler: it only sends its logits.)"""
         seq_len = min(num_tokens, max_model_len - 1)
         num_seqs = -(-num_tokens // seq_len)
         blocks_per_seq = -(-seq_len // self.block_size)
@@ -179,7 +207,9 @@ class ModelRunner:
         self.platform.reset_peak_memory()
         hidden = self.forward(step, dummy_extra_inputs(self.model, len(step.input_ids), self.device))
         rows = hidden[torch.arange(max_num_seqs, device=self.device) % hidden.shape[0]]
-        sampler(self.model.compute_logits(rows), [seqs[0]] * max_num_seqs)
+        logits = self.model.compute_logits(rows)
+        if sampler is not None and logits is not None:
+            sampler(logits, [seqs[0]] * max_num_seqs)
         peak = self.platform.peak_memory()
         self.kv_cache = torch.empty(0)
         return peak - cache_bytes

@@ -5,7 +5,9 @@
 
 The registry lives in each process's memory. A model registered in the driver alone is unknown to worker
 processes, so out-of-tree models should register from a general plugin (entry-point group
-`miniengine.general_plugins`), which every process loads before resolving a model (plugins.py).
+`miniengine.general_plugins`), which every process loads before resolving a model (plugins.py). (A tensor
+parallel engine sends the workers its own registration of the model it runs when the class is importable
+by name; a class defined in a script's `__main__` is not, and that is an error: distributed.py.)
 A plugin that fails has what it registered withdrawn: asking for one of those architectures then says which
 plugin failed, and asking for an unknown one lists the failed plugins that might have registered it.
 """
@@ -46,6 +48,12 @@ class _ModelRegistry:
             raise ValueError(f"register_model({architecture!r}, {model!r}): a lazy model is 'package.module:Class'")
         self._models[architecture] = model
         self._withdrawn.pop(architecture, None)
+
+    def registered(self, architecture: str) -> str | type[nn.Module] | None:
+        """What `architecture` is registered as in this process: None when unknown or built in (known to every
+        process)."""
+        model = self._models.get(architecture)
+        return None if model is None or _BUILTIN.get(architecture) == model else model
 
     def supported_architectures(self) -> list[str]:
         return sorted(self._models)

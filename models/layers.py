@@ -1,9 +1,9 @@
-"""The layers Llama-family models are built from: RMSNorm, rotary embedding, stacked linears, attention.
+"""The layers Llama-family models are built from: RMSNorm, rotary embedding, attention (the linears, split
+across tensor parallel ranks, are in parallel.py).
 
-`MergedLinear` holds several projections in one weight (q|k|v, gate|up) so one matmul computes them all;
-checkpoints store them apart, so it knows where each shard goes. `Attention` writes the new K/V into the
-paged cache and attends through block tables. The math of each layer is a function of the platform's
-`Kernels` (plain torch on the CPU, Triton on CUDA), found in the forward context.
+`Attention` writes the new K/V into the paged cache and attends through block tables. The math of each layer
+is a function of the platform's `Kernels` (plain torch on the CPU, Triton on CUDA), found in the forward
+context.
 """
 
 from __future__ import annotations
@@ -25,23 +25,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Normalise `x`; with `residual`, first add it and also return the sum (the next residual)."""
         return get_forward_context().kernels.rms_norm(x, self.weight, self.eps, residual)
-
-
-class MergedLinear(nn.Linear):
-    """One weight for several stacked output projections; `load_shard` fills one of them."""
-
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool) -> None:
-        super().__init__(in_features, sum(output_sizes), bias=bias)
-        self.output_sizes = output_sizes
-
-    def load_shard(self, param: nn.Parameter, shard: int, loaded: torch.Tensor) -> None:
-        start = sum(self.output_sizes[:shard])
-        rows = param.data.narrow(0, start, self.output_sizes[shard])
-        if rows.shape != loaded.shape:
-            raise ValueError(
-                f"shard {shard} of a merged projection expects {tuple(rows.shape)}, got {tuple(loaded.shape)}"
-            )
-        rows.copy_(loaded)
 
 
 class RotaryEmbedding(nn.Module):

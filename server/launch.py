@@ -69,4 +69,5 @@ def serve(model: str | None, config: ServerConfig, engine_options: dict[str, Any
         server.run()
     finally:
         async_engine.shutdown()
+        engine.shutdown()  # the tensor parallel workers, if any
     return 0 if server.started else 1
