@@ -107,6 +107,7 @@ def miniengine_figures(threads: int, max_tokens: int) -> dict:
             "decode_tokens_per_s": 1e3 * n / step_ms,
             "prefill_s": sum(t for t, decode in timer.steps if not decode),
         }
+    print(f"miniengine {threads} thread(s): {json.dumps(out)}", file=sys.stderr, flush=True)  # progress
     return out
 
 
