@@ -9,11 +9,16 @@ K/V are scattered over blocks; its block table says which, in order:
 The flat batch mixes prefill chunks and decodes. Query token t of a sequence sits at position
 `seq_len - query_len + t` and attends causally to every cached position up to its own.
 Grouped-query attention: query head h reads KV head h // (num_heads // num_kv_heads).
+
+The padded backends gather whole blocks, so they also read slots no token has written yet (the tail of a
+sequence's last block, the padding of its block table). The cache is allocated without zero-filling and
+those slots may hold anything, NaN included; a zero attention weight does not cancel NaN (0 x NaN = NaN),
+so the gathered K and V are zeroed past each sequence's length before they meet a query.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -64,26 +69,54 @@ def paged_attention_ref(
     return out
 
 
+def gather_padded(cache: torch.Tensor, tables: torch.Tensor, key_ok: torch.Tensor) -> torch.Tensor:
+    """The cached rows of each table's blocks, [B, blocks * block_size, Hkv, D], zero where `key_ok` [B, keys]
+    is False (slots past a sequence's length may never have been written)."""
+    rows = cache.index_select(0, tables.flatten()).view(tables.shape[0], -1, *cache.shape[2:])
+    return torch.where(key_ok[:, :, None, None], rows, 0.0)
+
+
+def paged_decode_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of one query token per sequence (query [B, H, D]) over the first `seq_lens` [B] cached rows
+    of `block_tables` [B, blocks], all in one call: tensors only, no host values, so a decode step can be
+    compiled. A sequence of length 0 (a padded row of a compiled step) reads nothing and gets zeros."""
+    key_ok = torch.arange(block_tables.shape[1] * k_cache.shape[1], device=query.device) < seq_lens[:, None]
+    k, v = gather_padded(k_cache, block_tables, key_ok), gather_padded(v_cache, block_tables, key_ok)
+    out = F.scaled_dot_product_attention(
+        query[:, :, None], k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_ok[:, None, None], scale=scale,
+        enable_gqa=True,
+    )  # fmt: skip
+    return torch.where(seq_lens[:, None, None] > 0, out[:, :, 0], 0.0)
+
+
 def paged_attention_sdpa(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: PagedMetadata, scale: float
 ) -> torch.Tensor:
     """The same function through torch's scaled_dot_product_attention, a few padded groups at a time.
 
-    Sequences are grouped (decodes together, prefill chunks together while the padded score matrix stays
-    small); each group's queries and cached K/V are padded to its longest and attended in one call. The
-    grouping and index tensors are the same in every layer, so the first layer builds them and stashes
-    them in `metadata.backend_state` for the rest.
+    A decode step (one query per sequence) is one `paged_decode_attention` call. Otherwise sequences are
+    grouped (decodes together, prefill chunks together while the padded score matrix stays small); each
+    group's queries and cached K/V are padded to its longest and attended in one call. The grouping and
+    index tensors are the same in every layer, so the first layer builds them and stashes them in
+    `metadata.backend_state` for the rest.
     """
+    block_size = k_cache.shape[1]
     plan = metadata.backend_state.get("sdpa")
     if plan is None:
-        plan = metadata.backend_state["sdpa"] = _plan_groups(metadata, k_cache.shape[1], query.device)
+        plan = metadata.backend_state["sdpa"] = _plan(metadata, query.shape[0], block_size, query.device)
+    if isinstance(plan, DecodePlan):
+        return paged_decode_attention(query, k_cache, v_cache, plan.block_tables, plan.seq_lens, scale)
     out = torch.empty_like(query)
-    block_size = k_cache.shape[1]
-    for tokens, valid, tables, mask in plan:
-        batch, width = tables.shape
+    for tokens, valid, tables, mask, key_ok in plan:
         q = query[tokens].transpose(1, 2)  # [B, H, max_q, D]
-        k = k_cache.index_select(0, tables.flatten()).view(batch, width * block_size, *k_cache.shape[2:])
-        v = v_cache.index_select(0, tables.flatten()).view(batch, width * block_size, *v_cache.shape[2:])
+        k, v = gather_padded(k_cache, tables, key_ok), gather_padded(v_cache, tables, key_ok)
         o = F.scaled_dot_product_attention(
             q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=True
         )
@@ -91,12 +124,26 @@ def paged_attention_sdpa(
     return out
 
 
+class DecodePlan(NamedTuple):
+    block_tables: torch.Tensor  # [B, blocks of the longest sequence]
+    seq_lens: torch.Tensor  # [B]
+
+
+def _plan(metadata: PagedMetadata, num_tokens: int, block_size: int, device: torch.device) -> DecodePlan | list:
+    seq_lens = metadata.seq_lens_host
+    if num_tokens == len(seq_lens):  # every sequence has one new token: a decode step
+        blocks = -(-max(seq_lens) // block_size)
+        return DecodePlan(metadata.block_tables[:, :blocks], torch.tensor(seq_lens, device=device))
+    return _plan_groups(metadata, block_size, device)
+
+
 MAX_PADDED_SCORES = 1 << 22  # per head: queries x keys of one padded group
 
 
 def _plan_groups(metadata: PagedMetadata, block_size: int, device: torch.device) -> list[tuple]:
     """For each group: token indices [B, max_q] (padding repeats a real token), which are real, block
-    tables [B, blocks], and the mask [B, 1, max_q, keys] (causal, offset by the cached context)."""
+    tables [B, blocks], the mask [B, 1, max_q, keys] (causal, offset by the cached context), and which
+    keys [B, keys] lie below each sequence's length."""
     starts, seq_lens = metadata.query_start_loc_host, metadata.seq_lens_host
     # By query length: decodes first, then prefill chunks, so each group's last member has its longest query.
     order = sorted(range(len(seq_lens)), key=lambda i: (starts[i + 1] - starts[i], seq_lens[i]))
@@ -122,6 +169,7 @@ def _plan_groups(metadata: PagedMetadata, block_size: int, device: torch.device)
         valid = torch.arange(max_q)[None, :] < torch.tensor(q_lens)[:, None]
         q_pos = torch.tensor([n - q for n, q in zip(lens, q_lens)])[:, None] + torch.arange(max_q)[None, :]
         mask = torch.arange(blocks * block_size)[None, None, :] <= q_pos[:, :, None]
+        key_ok = torch.arange(blocks * block_size)[None, :] < torch.tensor(lens)[:, None]
         tables = metadata.block_tables[g, :blocks]
-        plan.append((tokens.to(device), valid.to(device), tables, mask[:, None].to(device)))
+        plan.append((tokens.to(device), valid.to(device), tables, mask[:, None].to(device), key_ok.to(device)))
     return plan

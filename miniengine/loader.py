@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -174,7 +175,7 @@ def load_model(
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device), building(tp):
+        with torch.device(device), building(tp), _skip_random_init():
             model = model_cls(checkpoint.config)
     finally:
         torch.set_default_dtype(previous)
@@ -187,6 +188,24 @@ def load_model(
         if missing:
             raise ValueError(f"{checkpoint.path} lacks weights for {sorted(missing)[:5]} ({len(missing)} in all)")
     return model.eval()
+
+
+_RANDOM_INITS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                 "xavier_normal_")  # fmt: skip
+
+
+@contextmanager
+def _skip_random_init() -> Iterator[None]:
+    """Layers draw random weights in their constructors (nn.Linear, nn.Embedding); every weight is overwritten
+    right after, by the checkpoint or by `fill_dummy_weights`, and the draws cost a second of a cold start."""
+    saved = {name: getattr(nn.init, name) for name in _RANDOM_INITS}
+    for name in _RANDOM_INITS:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, init in saved.items():
+            setattr(nn.init, name, init)
 
 
 def fill_dummy_weights(model: nn.Module, seed: int, scale: float = 0.05) -> None:

@@ -107,10 +107,11 @@ class ModelRunner:
         self.graphs = None  # a CudaGraphRunner once captured
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        """The KV cache, zeroed: padded attention (the CPU's) reads unwritten slots under a mask, and garbage
-        there can be NaN, which a zero attention weight does not cancel (0 x NaN = NaN)."""
+        """The KV cache, not zero-filled: filling gigabytes costs seconds of start-up (and, on the CPU, every
+        page of it at once). No kernel lets an unwritten slot reach its output: the padded ones zero what
+        they gather past each sequence's length (kernels/paged_attention.py)."""
         shape = kv_cache_shape(self.model, num_blocks, self.block_size)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(attention_layers(self.model)):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 

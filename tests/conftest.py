@@ -11,6 +11,8 @@ import torch
 # Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors (set before triton is imported).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Parity tests compare float32 runs with transformers' float32; a CPU with native bf16 would default to bf16.
+os.environ.setdefault("MINIENGINE_CPU_DTYPE", "float32")
 
 from miniengine.gguf_loader import bundled_smollm2_path  # noqa: E402
 

@@ -25,13 +25,20 @@ def dense_attention(q, k, v, scale):
     return torch.einsum("hqk,khd->qhd", scores.masked_fill(mask, float("-inf")).softmax(-1), v)
 
 
-def make_batch(seed, block_size, num_heads=8, num_kv_heads=2, head_dim=16):
+# (context already cached, new tokens this step): decodes, a fresh prefill, a later chunk
+MIXED = [(0, 7), (12, 1), (37, 1), (5, 9), (0, 1), (50, 20), (3, 1)]
+DECODES = [(12, 1), (37, 1), (0, 1), (3, 1), (15, 1), (16, 1)]
+
+
+def make_batch(seed, block_size, num_heads=8, num_kv_heads=2, head_dim=16, shapes=MIXED, fill=None):
+    """`fill`: the value of every cache slot no token writes (None: random numbers)."""
     g = torch.Generator().manual_seed(seed)
-    # (context already cached, new tokens this step): decodes, a fresh prefill, a later chunk
-    shapes = [(0, 7), (12, 1), (37, 1), (5, 9), (0, 1), (50, 20), (3, 1)]
     num_blocks = sum(-(-(c + n) // block_size) for c, n in shapes) + 3
     k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g)
     v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g)
+    if fill is not None:
+        k_cache.fill_(fill)
+        v_cache.fill_(fill)
     free = torch.randperm(num_blocks, generator=g).tolist()
     tables, queries, new_k, new_v, slots, dense, starts, lens = [], [], [], [], [], [], [0], []
     for context, n in shapes:
@@ -71,6 +78,31 @@ def test_paged_attention_equals_dense(block_size, attend, group_limit, monkeypat
     out = attend(q, k_cache, v_cache, meta, 0.25)
     expected = torch.cat([dense_attention(dq, dk, dv, 0.25) for dq, dk, dv in dense])
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shapes", [MIXED, DECODES], ids=["mixed", "decodes"])
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_unwritten_cache_slots_are_never_read(shapes, block_size):
+    """The cache is allocated without zero-filling: NaN in every slot no token wrote (block tables are padded
+    with block 0, which may be one of them) changes nothing."""
+    results = []
+    for fill in (0.0, float("nan")):
+        meta, q, k, v, slots, k_cache, v_cache, dense = make_batch(3, block_size, shapes=shapes, fill=fill)
+        store_kv(k, v, k_cache, v_cache, slots)
+        results.append(paged_attention_sdpa(q, k_cache, v_cache, meta, 0.25))
+    assert not results[1].isnan().any()
+    torch.testing.assert_close(results[1], results[0], atol=0, rtol=0)
+    expected = torch.cat([dense_attention(dq, dk, dv, 0.25) for dq, dk, dv in dense])
+    torch.testing.assert_close(results[1], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_decode_attention_of_an_empty_row_is_zero():
+    """A padded row of a compiled decode step (seq_len 0) reads no key and returns zeros, not NaN."""
+    k_cache = torch.full((4, 4, 2, 8), float("nan"))
+    out = paged_attention.paged_decode_attention(
+        torch.randn(2, 4, 8), k_cache, k_cache, torch.zeros(2, 1, dtype=torch.long), torch.tensor([0, 0]), 0.5
+    )
+    assert torch.equal(out, torch.zeros(2, 4, 8))
 
 
 def test_store_kv_writes_only_its_slots():
