@@ -20,6 +20,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None  # fix the KV cache size instead of measuring memory
     enforce_eager: bool = False  # never replay captured graphs (CUDA graphs for decode steps)
+    # Launch each step before reading the last one's tokens (async_scheduling.py); None: where the device runs
+    # asynchronously (CUDA) and tensor_parallel_size is 1
+    async_scheduling: bool | None = None
     seed: int = 0
     tensor_parallel_size: int = 1  # ranks the model is split over: this process and N-1 workers (distributed.py)
     enable_expert_parallel: bool = False  # MoE: whole experts per rank instead of a slice of every expert
@@ -50,6 +53,11 @@ class EngineConfig:
             raise ValueError(
                 "nnodes > 1 needs distributed_init_method (--distributed-init-method tcp://HOST:PORT, an address "
                 "of this host that the other hosts reach)"
+            )
+        if self.async_scheduling and self.tensor_parallel_size > 1:
+            raise ValueError(
+                "async_scheduling needs the whole model in this process: it does not work with "
+                f"tensor_parallel_size {self.tensor_parallel_size}; leave it unset"
             )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks={self.num_kv_blocks} must be at least 1")

@@ -9,6 +9,7 @@ graph records the launches once, reading every input from a fixed buffer, and re
     each step   n sequences decode -> B = the smallest captured size >= n
                 copy ids, positions, slots, seq_lens and block tables into the buffers' first n rows;
                 rows n..B are padding: seq_len 0 and slot -1, so attention writes nothing and returns zeros
+                (async scheduling: ids still on the device are copied there from the previous step's samples)
                 graph[B].replay(); the hidden states are hidden_B[:n]
 
 The graph fixes the attention kernels' launch grid, so it is captured for the longest context the engine
@@ -78,20 +79,25 @@ class CudaGraphRunner:
     def can_run(self, step: StepInput) -> bool:
         return step.is_decode and step.num_seqs <= self.sizes[-1]
 
-    def run(self, step: StepInput) -> torch.Tensor:
-        """Hidden states of a decode step's sequences (every one of them samples)."""
-        n = step.num_seqs
+    def run(self, step: StepInput, fed_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states of a decode step's sequences (every one of them samples); `fed_ids`: the previous
+        step's sampled ids, copied on the device into the input ids of the rows `step.fed_rows`."""
+        n, num_fed = step.num_seqs, len(step.fed_rows)
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
         tables = step.block_tables
-        # ids, positions, slots, seq_lens (each padded to `size`: slot -1 and seq_len 0), then the tables
-        packed = np.zeros(4 * size + tables.size, dtype=np.int64)
+        # ids, positions, slots, seq_lens (each padded to `size`: slot -1 and seq_len 0), the tables, the fed rows
+        packed = np.zeros(4 * size + tables.size + 2 * num_fed, dtype=np.int64)
         for i, part in enumerate((step.input_ids, step.positions, step.slot_mapping, step.seq_lens)):
             packed[i * size : i * size + n] = part
         packed[2 * size + n : 3 * size] = -1
-        packed[4 * size :] = tables.ravel()
+        packed[4 * size : 4 * size + tables.size] = tables.ravel()
+        packed[4 * size + tables.size :] = np.concatenate([step.fed_rows, step.fed_from])
         flat = torch.from_numpy(packed).pin_memory().to(self.runner.device, non_blocking=True)
         self.inputs[:, :size].copy_(flat[: 4 * size].view(4, size))
-        self.block_tables[:n, : tables.shape[1]].copy_(flat[4 * size :].view(tables.shape))
+        self.block_tables[:n, : tables.shape[1]].copy_(flat[4 * size : 4 * size + tables.size].view(tables.shape))
+        if num_fed:
+            fed_rows, fed_from = flat[4 * size + tables.size :].view(2, num_fed)
+            self.input_ids[fed_rows] = fed_ids[fed_from]
         if size not in self.graphs:  # enforce_eager: the same padded step, launched op by op
             return self._forward(size)[:n]
         self.graphs[size].replay()

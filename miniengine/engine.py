@@ -5,6 +5,9 @@
              -> append each sampled token, detokenize, check stop ids / stop strings / max_tokens
              -> free the blocks of finished sequences -> RequestOutputs of the requests that moved
 
+On a GPU the first line is `AsyncScheduling.step()` instead (async_scheduling.py): it launches this step's
+batch and returns the previous step's tokens, so the rest of the loop runs while the GPU computes.
+
 `runner` is a ModelRunner, or with `tensor_parallel_size` > 1 a TensorParallelExecutor (distributed.py) that
 runs the same step on every rank and returns rank 0's tokens: this loop is the same either way.
 
@@ -24,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
+from miniengine.async_scheduling import AsyncScheduling
 from miniengine.block_manager import BlockManager
 from miniengine.config import EngineConfig
 from miniengine.extra_inputs import extra_input_specs, prepare_extra_inputs
@@ -99,6 +103,7 @@ class Engine:
             raise
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.async_scheduling = self._async_scheduling()
         self._requests: dict[str, _Request] = {}
         self._finished: list[RequestStats] = []  # requests finished this step, for the stat loggers
         self._seq_ids = itertools.count()
@@ -116,6 +121,14 @@ class Engine:
             return TensorParallelExecutor(checkpoint, self.platform, self.dtype, config)
         model = load_model(checkpoint, self.platform.device(), self.dtype, config.load_format, config.seed)
         return ModelRunner(model, self.platform, self.dtype, config)
+
+    def _async_scheduling(self) -> AsyncScheduling | None:
+        """Overlap each step's host work with the next step's device work (async_scheduling.py) where the
+        device runs asynchronously (a GPU); on the CPU the forward runs in this thread, so nothing overlaps."""
+        wanted = self.config.async_scheduling
+        if wanted is None:
+            wanted = self.platform.runs_asynchronously and self.config.tensor_parallel_size == 1
+        return AsyncScheduling(self.scheduler, self.runner, self.sampler) if wanted else None
 
     def shutdown(self) -> None:
         """Stop the tensor parallel workers (if any) and free the KV cache; the engine cannot run after this.
@@ -259,14 +272,11 @@ class Engine:
         start = time.monotonic()
         counters = self.block_manager.hits, self.block_manager.queries, self.scheduler.num_preemptions
         moved = {r.request_id for r in self._requests.values() if r.aborted}
-        batch = self.scheduler.schedule()
-        num_prompt_tokens = sum(
-            max(0, min(s.num_computed_tokens + n, s.num_prompt_tokens) - s.num_computed_tokens)
-            for s, n in zip(batch.seqs, batch.num_new_tokens)
-        )
-        sampled = []
-        if batch.seqs:
-            sampled = self.runner.run(batch, self.sampler)
+        if self.async_scheduling is not None:
+            batch, sampled = self.async_scheduling.step()  # this batch runs on; the tokens are the last one's
+        else:
+            batch = self.scheduler.schedule()
+            sampled = self.runner.run(batch, self.sampler) if batch.seqs else []
             self.scheduler.step_done(batch)
         now = time.monotonic()
         ttft, itl = [], []
@@ -287,7 +297,7 @@ class Engine:
             if rid not in quiet or all(seq.is_finished for seq in self._requests[rid].seqs)
         ]
         if self.stat_loggers:
-            self._record_stats(start, counters, num_prompt_tokens, len(sampled), ttft, itl, outputs)
+            self._record_stats(start, counters, batch.num_prompt_tokens, len(sampled), ttft, itl, outputs)
         return outputs
 
     def _record_stats(self, start, counters, num_prompt_tokens, num_sampled, ttft, itl, outputs) -> None:

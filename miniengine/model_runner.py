@@ -19,7 +19,8 @@ platform: only the kernels in the forward context differ.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from miniengine.extra_inputs import dummy_extra_inputs, extra_inputs_to, step_ex
 from miniengine.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from miniengine.models.layers import Attention
 from miniengine.platforms import Platform
-from miniengine.sampler import Sampler, SampleResult
+from miniengine.sampler import Sampled, Sampler, SampleResult
 from miniengine.sampling_params import SamplingParams
 from miniengine.scheduler import ScheduledBatch
 from miniengine.sequence import Sequence
@@ -46,6 +47,14 @@ def kv_cache_shape(model: nn.Module, num_blocks: int, block_size: int) -> tuple[
 
 
 @dataclass(slots=True)
+class Launched:
+    """A step queued on the device: the sequences that sample, in batch order, and their samples."""
+
+    seqs: list[Sequence]
+    sampled: Sampled
+
+
+@dataclass(slots=True)
 class StepInput:
     """One step's flat batch on the host (int64 numpy arrays): everything a forward pass needs."""
 
@@ -58,6 +67,10 @@ class StepInput:
     sample_rows: np.ndarray  # [N]: the flat rows whose logits are sampled
     max_query_len: int
     max_seq_len: int
+    # Async scheduling: rows of input_ids whose token is still on the device, the previous step's sampled
+    # ids (the host holds a placeholder there), and which of those ids each one takes.
+    fed_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    fed_from: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def num_seqs(self) -> int:
@@ -68,7 +81,9 @@ class StepInput:
         return self.max_query_len == 1
 
 
-def prepare(batch: ScheduledBatch, block_size: int) -> StepInput:
+def prepare(batch: ScheduledBatch, block_size: int, fed: Mapping[Sequence, int] | None = None) -> StepInput:
+    """The step's flat batch; `fed`: sequences whose last token is the previous step's sampled id number k,
+    still on the device (async scheduling)."""
     seqs = batch.seqs
     num_new = np.array(batch.num_new_tokens, dtype=np.int64)
     begins = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, len(seqs))
@@ -88,10 +103,15 @@ def prepare(batch: ScheduledBatch, block_size: int) -> StepInput:
     slots = tables[owner, positions // block_size] * block_size + positions % block_size
     seq_lens = begins + num_new
     sampled = seq_lens == np.fromiter((len(s.token_ids) for s in seqs), np.int64, len(seqs))  # reached its end
-    return StepInput(
+    step = StepInput(
         input_ids, positions, slots, starts, seq_lens, tables, starts[1:][sampled] - 1,
         max_query_len=int(num_new.max()), max_seq_len=int(seq_lens.max()),
     )  # fmt: skip
+    if fed:
+        # A placeholder is a sequence's last token, fed as the last row of its part of the batch.
+        pairs = [(int(starts[i + 1]) - 1, fed[s]) for i, s in enumerate(seqs) if s in fed]
+        step.fed_rows, step.fed_from = np.array(pairs, dtype=np.int64).reshape(-1, 2).T
+    return step
 
 
 class ModelRunner:
@@ -122,14 +142,19 @@ class ModelRunner:
 
         self.graphs = CudaGraphRunner(self, max_num_seqs, max_model_len, capture)
 
-    def to_device(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """input_ids, positions, metadata and sample rows on the device, copied in one transfer."""
+    def to_device(
+        self, step: StepInput, fed_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """input_ids, positions, metadata and sample rows on the device, copied in one transfer (and the
+        previous step's sampled `fed_ids` put into the input_ids that wait for them)."""
         parts = [step.input_ids, step.positions, step.slot_mapping, step.query_start_loc, step.seq_lens,
-                 step.sample_rows, step.block_tables.ravel()]  # fmt: skip
+                 step.sample_rows, step.fed_rows, step.fed_from, step.block_tables.ravel()]  # fmt: skip
         flat = torch.from_numpy(np.concatenate(parts))
         if self.device.type != "cpu":
             flat = flat.pin_memory().to(self.device, non_blocking=True)
-        ids, pos, slots, starts, lens, rows, tables = flat.split([len(p) for p in parts])
+        ids, pos, slots, starts, lens, rows, fed_rows, fed_from, tables = flat.split([len(p) for p in parts])
+        if len(step.fed_rows):
+            ids[fed_rows] = fed_ids[fed_from]
         metadata = AttentionMetadata(
             slot_mapping=slots,
             block_tables=tables.view(step.block_tables.shape),
@@ -142,11 +167,12 @@ class ModelRunner:
         )
         return ids, pos, metadata, rows
 
-    def forward(self, step: StepInput, extra: dict | None = None) -> torch.Tensor:
-        """Hidden states of the rows to sample; `extra`: the step's extra-input rows (extra_inputs.py)."""
+    def forward(self, step: StepInput, extra: dict | None = None, fed_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states of the rows to sample; `extra`: the step's extra-input rows (extra_inputs.py);
+        `fed_ids`: the previous step's sampled ids, for the rows `step.fed_rows` (async scheduling)."""
         if self.graphs is not None and self.graphs.can_run(step) and not extra:
-            return self.graphs.run(step)
-        input_ids, positions, metadata, rows = self.to_device(step)
+            return self.graphs.run(step, fed_ids)
+        input_ids, positions, metadata, rows = self.to_device(step, fed_ids)
         with set_forward_context(ForwardContext(metadata, self.kernels)):
             hidden = self.model(input_ids, positions, **(extra or {}))
         return hidden[rows]
@@ -154,18 +180,30 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, sampler: Sampler) -> list[tuple[Sequence, SampleResult]]:
         """Forward the batch; sample for the sequences that reached their last token, in batch order."""
-        step = prepare(batch, self.block_size)
-        logits = self.execute(step, step_extra_inputs(self.model, batch, self.device))
-        if logits is None:
-            return []
-        sampled = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
-        return list(zip(sampled, sampler(logits, sampled)))
+        launched = self.launch(batch, sampler)
+        return [] if launched is None else list(zip(launched.seqs, launched.sampled.results()))
 
     @torch.inference_mode()
-    def execute(self, step: StepInput, extra: dict | None = None) -> torch.Tensor | None:
+    def launch(self, batch: ScheduledBatch, sampler: Sampler, fed: Launched | None = None) -> Launched | None:
+        """Queue the batch's forward and sampling on the device and return without waiting for them (None
+        when nobody samples). `fed`: the launch before this one, whose sampled ids are still on the device:
+        its sequences in this batch feed them as their last token (async_scheduling.py)."""
+        placeholders = {seq: k for k, seq in enumerate(fed.seqs)} if fed is not None else None
+        step = prepare(batch, self.block_size, placeholders)
+        extra = step_extra_inputs(self.model, batch, self.device)
+        logits = self.execute(step, extra, fed.sampled.token_ids if fed is not None else None)
+        if logits is None:
+            return None
+        seqs = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
+        return Launched(seqs, sampler.sample(logits, seqs))
+
+    @torch.inference_mode()
+    def execute(
+        self, step: StepInput, extra: dict | None = None, fed_ids: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """The logits of the step's sampled rows (None when none is sampled, and on tensor parallel ranks
         other than 0, which send their slice of the vocabulary to rank 0)."""
-        hidden = self.forward(step, extra_inputs_to(extra, self.device))
+        hidden = self.forward(step, extra_inputs_to(extra, self.device), fed_ids)
         return self.model.compute_logits(hidden) if len(step.sample_rows) else None
 
     def kv_blocks_that_fit(self, longest: int, sampler: Sampler | None = None) -> int:

@@ -10,7 +10,9 @@ in the batch; unseeded sequences share the engine's generator.
 
 Everything runs where the logits are (the GPU, on CUDA). Which filters a step needs is decided from the
 requests' parameters on the host, never by looking at device values, and the sampled ids and log-probs
-come back in one transfer: the one point per step where the host waits for the device.
+come back in one transfer: the one point per step where the host waits for the device. `sample` starts
+that transfer and returns; `Sampled.results()` waits for it (async scheduling launches the next step
+in between: async_scheduling.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,31 @@ class SampleResult:
     logprobs: dict[int, float] | None = None
 
 
+@dataclass(slots=True)
+class Sampled:
+    """One step's samples: the token ids where the logits are, and their copy to the host under way."""
+
+    token_ids: torch.Tensor  # [N] on the device: async scheduling feeds them to the next step there
+    copy: HostCopy  # the ids, or (with log-probs) rows of [id, its log-prob, top-N ids, top-N log-probs]
+    num_logprobs: list[int | None]  # what each row asked for
+
+    def results(self) -> list[SampleResult]:
+        """Wait for the copy: one SampleResult per row."""
+        host = self.copy.wait()
+        if not any(n is not None for n in self.num_logprobs):
+            return [SampleResult(t) for t in host.tolist()]
+        top = max(n or 0 for n in self.num_logprobs)
+        results = []
+        for row, n in zip(host.tolist(), self.num_logprobs):
+            token = int(row[0])
+            logprobs = None
+            if n is not None:
+                logprobs = {token: row[1]}
+                logprobs.update(zip(map(int, row[2 : 2 + n]), row[2 + top : 2 + top + n]))
+            results.append(SampleResult(token, logprobs))
+        return results
+
+
 class Sampler:
     def __init__(self, eos_token_ids: set[int], device: torch.device, seed: int) -> None:
         self.eos_token_ids = sorted(eos_token_ids)
@@ -43,6 +70,10 @@ class Sampler:
         self.seq_generators.pop(seq.seq_id, None)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
+        return self.sample(logits, seqs).results()
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> Sampled:
+        """Sample every row, and start copying the ids (and log-probs) to the host: nothing waits yet."""
         logits = logits.float()
         num_logprobs = [s.params.logprobs for s in seqs]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(n is not None for n in num_logprobs) else None
@@ -54,21 +85,13 @@ class Sampler:
             rows = torch.tensor(random_rows, device=logits.device)
             token_ids[rows] = self._draw(logits[rows], [seqs[i] for i in random_rows])
         if raw_logprobs is None:
-            return [SampleResult(t) for t in to_host(token_ids).tolist()]
+            return Sampled(token_ids, HostCopy(token_ids), num_logprobs)
         # One transfer: ids, the sampled token's log-prob and the top-N, as float64 (exact for token ids).
         top = max(n or 0 for n in num_logprobs)
         values, ids = raw_logprobs.topk(top, dim=-1) if top else (logits[:, :0], token_ids[:, None][:, :0])
         chosen = raw_logprobs.gather(1, token_ids[:, None])
         packed = torch.cat([token_ids[:, None].double(), chosen.double(), ids.double(), values.double()], dim=1)
-        results = []
-        for row, n in zip(to_host(packed).tolist(), num_logprobs):
-            token = int(row[0])
-            logprobs = None
-            if n is not None:
-                logprobs = {token: row[1]}
-                logprobs.update(zip(map(int, row[2 : 2 + n]), row[2 + top : 2 + top + n]))
-            results.append(SampleResult(token, logprobs))
-        return results
+        return Sampled(token_ids, HostCopy(packed), num_logprobs)
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         p = [s.params for s in seqs]
@@ -149,15 +172,23 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
-def to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """The step's one device-to-host copy. On CUDA the host waits on an event, which releases the GIL, so
-    another thread (a server's HTTP loop) runs while the GPU finishes the step; `.tolist()` on a CUDA
-    tensor would hold the GIL for the whole wait."""
-    if tensor.device.type != "cuda":
-        return tensor.cpu()
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record()
-    done.synchronize()
-    return host
+class HostCopy:
+    """A device tensor's copy to the host, started now and waited for by `wait()`: the step's one
+    device-to-host copy. On CUDA the host waits on an event, which releases the GIL, so another thread (a
+    server's HTTP loop) runs while the GPU finishes the step; `.tolist()` on a CUDA tensor would hold the
+    GIL for the whole wait."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.done: torch.cuda.Event | None = None
+        if tensor.device.type != "cuda":
+            self.host = tensor.cpu()
+            return
+        self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self.host.copy_(tensor, non_blocking=True)
+        self.done = torch.cuda.Event()
+        self.done.record()
+
+    def wait(self) -> torch.Tensor:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host

@@ -29,9 +29,17 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)  # tokens of each sequence fed this step
     preempted: list[Sequence] = field(default_factory=list)
+    num_prompt_tokens: int = 0  # of the tokens fed, those that are prompt (prefill), for the step statistics
 
     def __len__(self) -> int:
         return len(self.seqs)
+
+    def add(self, seq: Sequence, n: int) -> None:
+        self.seqs.append(seq)
+        self.num_new_tokens.append(n)
+        self.num_prompt_tokens += max(
+            0, min(seq.num_computed_tokens + n, seq.num_prompt_tokens) - seq.num_computed_tokens
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -70,8 +78,7 @@ class Scheduler:
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if self._make_room(seq, n, batch):
-                batch.seqs.append(seq)
-                batch.num_new_tokens.append(n)
+                batch.add(seq, n)
                 budget -= n
         if batch.preempted:  # the cache is full: let running sequences drain before admitting new ones
             return batch
@@ -86,8 +93,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            batch.seqs.append(seq)
-            batch.num_new_tokens.append(n)
+            batch.add(seq, n)
             budget -= n
         return batch
 

@@ -21,6 +21,7 @@ class CudaPlatform(Platform):
     device_type = "cuda"
     dist_backend = "nccl"
     supports_graphs = True
+    runs_asynchronously = True
 
     @classmethod
     def is_available(cls) -> bool:

@@ -24,6 +24,8 @@ class Platform:
     device_type: str = "cpu"  # torch device type
     dist_backend: str = "gloo"  # torch.distributed backend for tensor parallel workers
     supports_graphs: bool = False  # can decode steps be captured and replayed (CUDA graphs)?
+    # Does queued device work run while the host goes on? Then async scheduling hides the host's step.
+    runs_asynchronously: bool = False
 
     @classmethod
     def is_available(cls) -> bool:

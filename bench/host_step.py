@@ -1,0 +1,200 @@
+"""The host's share of a decode step: Engine.step() on a model too small to cost anything.
+
+On a GPU a decode step is a graph replay plus the host's work around it (schedule, prepare the inputs,
+sample, read the ids back, append, detokenize, check stops, build outputs). This bench measures that host
+work on the CPU, where it can be profiled: a Qwen3-shaped model cut to one layer of width 64 with a
+512-token vocabulary (random weights), whose forward is replaced by random hidden states (so the model costs
+nothing, yet the sampled tokens vary), and the bundled SmolLM2 tokenizer so detokenizing is real.
+
+    python bench/host_step.py                          # batch 1 and 256: ms per decode step
+    python bench/host_step.py --profile                # and cProfile's top functions at the largest batch
+    python bench/host_step.py --baseline /tmp/base     # also another checkout's miniengine, in a subprocess
+
+Each prompt has 512 random token ids; each sequence makes 128 tokens (greedy, ignore_eos). Only pure decode
+steps are counted. `step_ms` is the wall time of Engine.step(); `model_ms` the part spent in the (stub)
+forward and the logits; `host_ms` = step_ms - model_ms is what a GPU step adds on the host, and what async
+scheduling hides behind the GPU. Medians over the decode steps of one timed run, after a warm-up run; the
+profile is of a third run. Writes bench/results/host-step-<device>-<date>.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime
+import io
+import json
+import os
+import platform
+import pstats
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from presets import model_dir  # noqa: E402
+from roofline import cpu_model  # noqa: E402
+
+from miniengine import Engine, SamplingParams  # noqa: E402
+from miniengine.loader import open_checkpoint  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TINY = dict(num_hidden_layers=1, hidden_size=64, intermediate_size=128, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=32, vocab_size=512)  # fmt: skip
+
+
+def tiny_model(directory: Path) -> Path:
+    """The tiny Qwen3 config beside SmolLM2's tokenizer (its first 512 ids are ordinary tokens)."""
+    model_dir("qwen3-0.6b", directory, **TINY)
+    tokenizer = open_checkpoint(None).tokenizer
+    assert tokenizer is not None
+    tokenizer.tokenizer.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+class Timer:
+    """Wall time of each Engine.step() and of the model inside it; whether the step was a pure decode."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.steps: list[tuple[float, float, bool]] = []
+        model, step, schedule = engine.runner.model, engine._step, engine.scheduler.schedule
+        forward, logits = model.forward, model.compute_logits
+        model_s, decode = [0.0], [False]
+
+        def timed(function):
+            def call(*args, **kwargs):
+                start = time.perf_counter()
+                out = function(*args, **kwargs)
+                model_s[0] += time.perf_counter() - start
+                return out
+
+            return call
+
+        def timed_schedule():
+            batch = schedule()
+            decode[0] = bool(batch.seqs) and batch.num_tokens == len(batch.seqs)
+            return batch
+
+        def timed_step(*args, **kwargs):
+            model_s[0] = 0.0
+            start = time.perf_counter()
+            out = step(*args, **kwargs)
+            self.steps.append((time.perf_counter() - start, model_s[0], decode[0]))
+            return out
+
+        model.forward, model.compute_logits = timed(forward), timed(logits)
+        engine._step, engine.scheduler.schedule = timed_step, timed_schedule
+
+    def decode_figures(self) -> dict:
+        decodes = [(s, m) for s, m, decode in self.steps if decode]
+        return {
+            "decode_steps": len(decodes),
+            "step_ms": 1e3 * statistics.median(s for s, _ in decodes),
+            "model_ms": 1e3 * statistics.median(m for _, m in decodes),
+            "host_ms": 1e3 * statistics.median(s - m for s, m in decodes),
+        }
+
+
+def stub_forward(engine: Engine) -> None:
+    """The model's forward returns random hidden states: it costs nothing, and greedy tokens still vary."""
+    width = engine.hf_config.hidden_size
+    generator = torch.Generator().manual_seed(0)
+
+    def forward(input_ids: torch.Tensor, positions: torch.Tensor, **extra) -> torch.Tensor:
+        return torch.randn(len(input_ids), width, generator=generator, device=input_ids.device)
+
+    engine.runner.model.forward = forward
+
+
+def measure(batches: list[int], prompt_len: int, output_len: int, profile: bool) -> dict:
+    torch.set_num_threads(1)  # one thread keeps the figures steady on a shared machine
+    directory = tiny_model(Path(tempfile.mkdtemp()))
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 512) for _ in range(prompt_len)] for _ in range(max(batches))]
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    blocks = max(batches) * -(-(prompt_len + output_len) // 16) + 16
+    engine = Engine(str(directory), load_format="dummy", max_num_seqs=max(batches), max_model_len=4096,
+                    num_kv_blocks=blocks, stat_loggers=[])  # fmt: skip
+    stub_forward(engine)
+    timer = Timer(engine)
+    out: dict = {"rows": []}
+    for n in batches:
+        engine.generate(prompts[:n], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+        engine.reset_prefix_cache()
+        timer.steps.clear()
+        engine.generate(prompts[:n], params, use_tqdm=False)
+        engine.reset_prefix_cache()
+        out["rows"].append({"batch": n, **timer.decode_figures()})
+    if profile:
+        profiler = cProfile.Profile()
+        profiler.runcall(engine.generate, prompts, params, use_tqdm=False)
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+        out["profile"] = text.getvalue()
+    return out
+
+
+def baseline_figures(directory: str, args: argparse.Namespace) -> dict:
+    """This file's measurement, in a subprocess that imports miniengine from `directory`."""
+    env = {**os.environ, "PYTHONPATH": directory}
+    command = [sys.executable, __file__, "--engine-only", "--batches", *map(str, args.batches),
+               "--prompt-len", str(args.prompt_len), "--output-len", str(args.output_len)]  # fmt: skip
+    run = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 256])
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--profile", action="store_true", help="print cProfile's top functions at the largest batch")
+    parser.add_argument("--baseline", default=None, help="a directory whose miniengine package is 'before'")
+    parser.add_argument("--engine-only", action="store_true", help=argparse.SUPPRESS)  # --baseline's subprocess
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.engine_only:
+        print(json.dumps(measure(args.batches, args.prompt_len, args.output_len, False)))
+        return
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    result: dict = {
+        "benchmark": "host time of a decode step (Engine.step on a negligible model)",
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "device": {"cpu": cpu_model(), "logical_cores": os.cpu_count(), "machine": platform.machine()},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "settings": {
+            "model": f"qwen3-0.6b preset with {TINY}",
+            "prompt_len": args.prompt_len,
+            "output_len": args.output_len,
+            "sampling": "greedy, ignore_eos",
+            "torch_threads": 1,
+        },  # fmt: skip
+    }
+    if args.baseline:
+        result["before"] = baseline_figures(args.baseline, args)
+    result["after"] = measure(args.batches, args.prompt_len, args.output_len, args.profile)
+    result["load_average"] = {"before": load_before, "after": [round(x, 2) for x in os.getloadavg()]}
+    print(f"{'miniengine':10} {'batch':>5} {'step ms':>8} {'model ms':>9} {'host ms':>8} {'host us/seq':>11}")
+    for label in ("before", "after"):
+        for row in result.get(label, {}).get("rows", []):
+            print(f"{label:10} {row['batch']:5} {row['step_ms']:8.3f} {row['model_ms']:9.3f} {row['host_ms']:8.3f} "
+                  f"{1e3 * row['host_ms'] / row['batch']:11.1f}")  # fmt: skip
+    if "profile" in result["after"]:
+        print(result["after"]["profile"])
+    device = re.sub(r"[^a-z0-9]+", "-", result["device"]["cpu"].lower()).strip("-")[:40]
+    out = args.out or RESULTS / f"host-step-{device}-{result['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
