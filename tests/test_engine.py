@@ -110,7 +110,8 @@ def test_cli_reports_bad_options(model_dir):
     assert result.returncode == 2 and "SamplingParams.top_p" in result.stderr
 
 
-def test_stat_loggers_receive_every_step(model_dir):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_stat_loggers_receive_every_step(model_dir, async_scheduling):
     class Recorder:
         def __init__(self):
             self.steps = []
@@ -119,7 +120,9 @@ def test_stat_loggers_receive_every_step(model_dir):
             self.steps.append(stats)
 
     recorder = Recorder()
-    engine = Engine(str(model_dir), num_kv_blocks=64, block_size=4, stat_loggers=[recorder])
+    engine = Engine(
+        str(model_dir), num_kv_blocks=64, block_size=4, stat_loggers=[recorder], async_scheduling=async_scheduling
+    )
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     engine.generate([[1, 2, 3] * 10, [4, 5, 6] * 7], params, use_tqdm=False)
     steps = recorder.steps
