@@ -32,18 +32,20 @@ from roofline import ModelSpec, gpu_copy_bandwidth, gpu_matmul_rate  # noqa: E40
 from workloads import offline_floor, profile_summary, random_workload  # noqa: E402
 
 from miniengine import Engine, SamplingParams  # noqa: E402
+from miniengine.sampler import Sampled  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class PhaseTimer:
-    """Host time of each phase of a step: preparation + launch (forward), sampling (includes waiting for the
-    GPU: the one sync of a step), and the engine's own work (scheduling, detokenising, outputs)."""
+    """Host time of each phase of a step: preparation + launch (forward), logits and sampling queued (launch),
+    waiting for the sampled ids (the one sync of a step; with async scheduling the next step runs meanwhile),
+    and the engine's own work (scheduling, detokenising, outputs)."""
 
     def __init__(self, engine: Engine) -> None:
-        self.totals = {"step": 0.0, "forward": 0.0, "logits+sample+wait": 0.0}
+        self.totals = {"step": 0.0, "forward": 0.0, "launch": 0.0, "wait for ids": 0.0}
         self.steps = 0
-        step, forward, run = engine._step, engine.runner.forward, engine.runner.run  # generate() loops on _step
+        step, forward, launch = engine._step, engine.runner.forward, engine.runner.launch  # generate() loops on _step
 
         def timed(key, fn):
             def wrapper(*args, **kwargs):
@@ -55,22 +57,20 @@ class PhaseTimer:
 
             return wrapper
 
-        def timed_run(batch, sampler):
-            start = time.perf_counter()
-            out = run(batch, sampler)
-            self.totals["logits+sample+wait"] += time.perf_counter() - start
-            return out
-
         def timed_step(*args):
             self.steps += 1
             return timed("step", step)(*args)
 
-        engine._step, engine.runner.forward, engine.runner.run = timed_step, timed("forward", forward), timed_run
+        engine._step, engine.runner.forward = timed_step, timed("forward", forward)
+        engine.runner.launch = timed("launch", launch)  # runner.run (no async scheduling) calls launch too
+        Sampled.results = timed("wait for ids", Sampled.results)
 
     def summary(self) -> dict:
         t = dict(self.totals)
-        t["logits+sample+wait"] -= t["forward"]  # run() includes forward()
-        t["engine (schedule, detokenize, outputs)"] = t.pop("step") - t["forward"] - t["logits+sample+wait"]
+        t["logits+sample"] = t.pop("launch") - t["forward"]  # launch() includes forward()
+        t["engine (schedule, detokenize, outputs)"] = (
+            t.pop("step") - t["forward"] - t["logits+sample"] - t["wait for ids"]
+        )
         return {"steps": self.steps, "host_seconds": t}
 
 

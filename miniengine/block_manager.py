@@ -97,6 +97,8 @@ class BlockManager:
         assert not cached or not seq.block_table, "prefix blocks are only shared by a fresh sequence"
         num_tokens = seq.num_computed_tokens + len(cached) * self.block_size + num_new_tokens
         num_fresh = self.blocks_needed(num_tokens) - len(seq.block_table) - len(cached)
+        if num_fresh <= 0 and not cached:
+            return True  # most decodes: the last block has room
         revived = sum(1 for b in cached if self.blocks[b].ref_count == 0)  # cached but on the free list
         if num_fresh + revived > len(self.free):
             return False

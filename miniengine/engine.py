@@ -106,6 +106,7 @@ class Engine:
         self.async_scheduling = self._async_scheduling()
         self._requests: dict[str, _Request] = {}
         self._finished: list[RequestStats] = []  # requests finished this step, for the stat loggers
+        self._aborted: set[str] = set()  # requests aborted since the last step
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         # Outputs a generate/stream loop met for requests it did not add, for the next step() to hand back.
@@ -227,6 +228,7 @@ class Engine:
         if request is None or request.aborted:
             return
         request.aborted = True
+        self._aborted.add(request_id)
         for seq in request.seqs:
             if not seq.is_finished:
                 self._finish(seq, "abort")
@@ -265,13 +267,14 @@ class Engine:
         """Abort a request a loop owns and forget it: nobody is left to read its final output."""
         self.abort(request_id)
         self._requests.pop(request_id, None)
+        self._aborted.discard(request_id)
         self._held.pop(request_id, None)
 
     def _step(self, quiet: Set[str] = frozenset()) -> list[RequestOutput]:
         """One scheduler step; an output for each request that moved (those in `quiet`: only when finished)."""
         start = time.monotonic()
         counters = self.block_manager.hits, self.block_manager.queries, self.scheduler.num_preemptions
-        moved = {r.request_id for r in self._requests.values() if r.aborted}
+        moved, self._aborted = self._aborted, set()  # aborted since the last step: their final outputs
         if self.async_scheduling is not None:
             batch, sampled = self.async_scheduling.step()  # this batch runs on; the tokens are the last one's
         else:
@@ -291,11 +294,8 @@ class Engine:
             request.last_token_times[seq.index] = now
             self._append(seq, result.token_id, result.logprobs)
             moved.add(seq.request_id)
-        outputs = [
-            self._output(self._requests[rid])
-            for rid in sorted(moved, key=self._order)
-            if rid not in quiet or all(seq.is_finished for seq in self._requests[rid].seqs)
-        ]
+        shown = [rid for rid in moved if rid not in quiet or all(s.is_finished for s in self._requests[rid].seqs)]
+        outputs = [self._output(self._requests[rid]) for rid in sorted(shown, key=self._order)]
         if self.stat_loggers:
             self._record_stats(start, counters, batch.num_prompt_tokens, len(sampled), ttft, itl, outputs)
         return outputs
