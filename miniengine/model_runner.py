@@ -94,12 +94,12 @@ def prepare(batch: ScheduledBatch, block_size: int, fed: Mapping[Sequence, int] 
     input_ids = np.fromiter(ids, np.int64, num_tokens)
     owner = np.repeat(np.arange(len(seqs)), num_new)  # which sequence each flat token belongs to
     positions = np.arange(num_tokens) - starts[owner] + begins[owner]
-    # Block tables padded with 0 to the widest, filled by one scatter of all tables concatenated.
+    # Block tables padded with 0 to the widest, filled with all tables concatenated: a mask of the filled
+    # entries lists them in that same (row-major) order.
     widths = np.fromiter((len(s.block_table) for s in seqs), np.int64, len(seqs))
     tables = np.zeros((len(seqs), int(widths.max())), dtype=np.int64)
-    row = np.repeat(np.arange(len(seqs)), widths)
-    column = np.arange(int(widths.sum())) - np.repeat(np.cumsum(widths) - widths, widths)
-    tables[row, column] = np.fromiter(itertools.chain.from_iterable(s.block_table for s in seqs), np.int64)
+    filled = np.arange(tables.shape[1]) < widths[:, None]
+    tables[filled] = np.fromiter(itertools.chain.from_iterable(s.block_table for s in seqs), np.int64, filled.sum())
     slots = tables[owner, positions // block_size] * block_size + positions % block_size
     seq_lens = begins + num_new
     sampled = seq_lens == np.fromiter((len(s.token_ids) for s in seqs), np.int64, len(seqs))  # reached its end
@@ -177,7 +177,6 @@ class ModelRunner:
             hidden = self.model(input_ids, positions, **(extra or {}))
         return hidden[rows]
 
-    @torch.inference_mode()
     def run(self, batch: ScheduledBatch, sampler: Sampler) -> list[tuple[Sequence, SampleResult]]:
         """Forward the batch; sample for the sequences that reached their last token, in batch order."""
         launched = self.launch(batch, sampler)

@@ -82,7 +82,7 @@ class Sampler:
         token_ids = logits.argmax(dim=-1)
         random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if random_rows:
-            rows = torch.tensor(random_rows, device=logits.device)
+            rows = to_device(random_rows, logits.device)
             token_ids[rows] = self._draw(logits[rows], [seqs[i] for i in random_rows])
         if raw_logprobs is None:
             return Sampled(token_ids, HostCopy(token_ids), num_logprobs)
@@ -104,19 +104,19 @@ class Sampler:
             rows = np.repeat(np.arange(len(token_lists)), [len(t) for t in token_lists])
             tokens = np.fromiter(itertools.chain.from_iterable(token_lists), np.int64, len(rows))
             keep = tokens < vocab
-            return torch.from_numpy(rows[keep]).to(device), torch.from_numpy(tokens[keep]).to(device)
+            return to_device(rows[keep], device), to_device(tokens[keep], device)
 
         counts = torch.zeros_like(logits)  # occurrences of each token in the output so far
         out_rows, out_tokens = flat([s.output_token_ids for s in seqs])
         counts.index_put_((out_rows, out_tokens), torch.ones_like(out_tokens, dtype=logits.dtype), accumulate=True)
         seen = torch.zeros_like(logits, dtype=torch.bool)  # in prompt or output
         seen[flat([s.token_ids for s in seqs])] = True
-        rep = torch.tensor([x.repetition_penalty for x in p], device=device)[:, None]
+        rep = to_device([x.repetition_penalty for x in p], device, torch.float32)[:, None]
         # HF's rule: shrink a seen token's logit towards "less likely" whichever its sign.
         penalised = torch.where(logits > 0, logits / rep, logits * rep)
         logits = torch.where(seen, penalised, logits)
-        freq = torch.tensor([x.frequency_penalty for x in p], device=device)[:, None]
-        pres = torch.tensor([x.presence_penalty for x in p], device=device)[:, None]
+        freq = to_device([x.frequency_penalty for x in p], device, torch.float32)[:, None]
+        pres = to_device([x.presence_penalty for x in p], device, torch.float32)[:, None]
         return logits - freq * counts - pres * (counts > 0).to(logits.dtype)
 
     def _hide_stop_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -128,25 +128,26 @@ class Sampler:
                 rows += [i] * len(kept)
                 tokens += kept
         if rows:
-            logits[torch.tensor(rows, device=logits.device), torch.tensor(tokens, device=logits.device)] = -torch.inf
+            logits[to_device(rows, logits.device), to_device(tokens, logits.device)] = -torch.inf
         return logits
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         device, vocab = logits.device, logits.shape[1]
         params = [s.params for s in seqs]
-        logits = logits / torch.tensor([p.temperature for p in params], device=device)[:, None]
+        logits = logits / to_device([p.temperature for p in params], device, torch.float32)[:, None]
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         if any(k < vocab for k in top_k) or any(p.top_p < 1 for p in params):
-            top_p = torch.tensor([p.top_p for p in params], device=device)
-            logits = _top_k_top_p(logits, torch.tensor(top_k, device=device), top_p)
+            top_p = to_device([p.top_p for p in params], device, torch.float32)
+            logits = _top_k_top_p(logits, to_device(top_k, device), top_p)
         probs = logits.softmax(dim=-1)
         if any(p.min_p > 0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], device=device)
+            min_p = to_device([p.min_p for p in params], device, torch.float32)
             probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0)
         race = torch.empty_like(probs)
         shared = [i for i, p in enumerate(params) if p.seed is None]
         if shared:  # unseeded rows draw together from the engine's generator
-            race[shared] = torch.empty(len(shared), vocab, device=device).exponential_(generator=self.generator)
+            draws = torch.empty(len(shared), vocab, device=device).exponential_(generator=self.generator)
+            race[to_device(shared, device)] = draws
         for i, seq in enumerate(seqs):
             if seq.params.seed is not None:
                 race[i].exponential_(generator=self._generator(seq))
@@ -170,6 +171,15 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the better tokens; the best is always kept
     drop |= mass_before >= top_p[:, None]
     return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+def to_device(values: list | np.ndarray, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """A small host list or array on `device`, without waiting for the device: a plain copy from pageable
+    memory to a GPU first waits for all the work queued there, which would undo async scheduling's overlap."""
+    tensor = torch.as_tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 class HostCopy:
