@@ -225,7 +225,7 @@ def main() -> None:
         result["before"] = best_of(before)
     result["after"] = best_of(after)
     if args.profile:
-        result["after"]["profile"] = decode_profile(max(args.batches), args.prompt_len, 32)
+        result["after"]["profile"] = decode_profile(max(args.batches), args.prompt_len, args.output_len)
     result["load_average"] = {"before": load_before, "after": [round(x, 2) for x in os.getloadavg()]}
     print(
         f"{'miniengine':10} {'mode':8} {'batch':>5} {'step ms':>8} {'model ms':>9} {'host ms':>8} {'host us/seq':>11}"

@@ -63,7 +63,7 @@ class PhaseTimer:
 
         engine._step, engine.runner.forward = timed_step, timed("forward", forward)
         engine.runner.launch = timed("launch", launch)  # runner.run (no async scheduling) calls launch too
-        Sampled.results = timed("wait for ids", Sampled.results)
+        Sampled.results = timed("wait for ids", Sampled.results)  # for the whole process: one timer per run
 
     def summary(self) -> dict:
         t = dict(self.totals)
