@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import platform
 import re
 import sys
 from dataclasses import asdict, dataclass
@@ -31,12 +29,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 BENCH = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BENCH))
+from report import versions, write_result  # noqa: E402
 from roofline import gpu_copy_bandwidth, gpu_matmul_rate  # noqa: E402
 
 from miniengine.forward_context import AttentionMetadata  # noqa: E402
@@ -229,7 +227,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "device": {"name": name, "sms": torch.cuda.get_device_properties(device).multi_processor_count, **peaks},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__},
+        "versions": versions("torch", "triton"),
         "settings": {
             "heads": HEADS,
             "kv_heads": KV_HEADS,
@@ -248,9 +246,7 @@ def main() -> None:
     print_table(result)
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower().replace("nvidia", "")).strip("-")
     out = args.out or BENCH / "results" / f"attention-{slug}-{result['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, out)
 
 
 def sweep(batch: Batch, shape: Shape, peaks: dict) -> list[dict]:
