@@ -123,9 +123,9 @@ def sweep(args) -> None:
             times: dict[str, list] = {"gate_up": [], "down": []}
             for tile, stage in product(sweep_tiles(block_m), gemms):
                 config = tm.MoeConfig(block_m, tile, tile)
-                args = (*gemms[stage], weights.flatten().float(), aligned, top_k, stage == "gate_up", tile, config)
+                launch = (*gemms[stage], weights.flatten().float(), aligned, top_k, stage == "gate_up", tile, config)
                 try:
-                    times[stage].append((bench_us(partial(tm._launch_gemm, *args)), repr(tile), tile))
+                    times[stage].append((bench_us(partial(tm._launch_gemm, *launch)), repr(tile), tile))
                 except triton.runtime.errors.OutOfResources:
                     continue
             (t1, _, tile1), (t2, _, tile2) = min(times["gate_up"]), min(times["down"])
