@@ -22,11 +22,9 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -35,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "examples" / "action_model"))  # works installed or not
 from roofline import DevicePeak, ModelSpec, best_peak, decode_step_floor, gpu_peak, measure_cpu_peak, step_floor  # noqa: E402, I001
+from report import versions, write_result  # noqa: E402
 
 from miniengine import Engine  # noqa: E402
 from miniengine_action_model import register  # noqa: E402
@@ -105,13 +104,6 @@ def timed(fn, device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start, out
-
-
-def _version(name: str) -> str | None:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
 
 
 def main() -> None:
@@ -185,12 +177,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "command": " ".join(["python", *sys.argv]),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else peak.name,
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "miniengine": _version("miniengine"),
-            "triton": _version("triton"),
-        },  # fmt: skip
+        "versions": versions("torch", "triton", "miniengine"),
         "settings": {
             "shape": "small" if args.small else "Llama-1B",
             "config": config,
@@ -239,9 +226,7 @@ def main() -> None:
           f"{a['frames_identical']}/{a['frames']}, tokens {a['tokens_identical']}/{a['tokens']}; prompt tokens "
           f"computed {counter.computed}, from the prefix cache {counter.cached}")  # fmt: skip
     out = args.out or RESULTS / f"action_model-{device.type}-{result['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"wrote {out}")
+    write_result(json.loads(json.dumps(result, default=str)), out)
 
 
 if __name__ == "__main__":

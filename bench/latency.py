@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import random
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from presets import hf_config, model_dir  # noqa: E402
+from report import versions, write_result  # noqa: E402
 from roofline import ModelSpec, gpu_copy_bandwidth  # noqa: E402
 
 from miniengine import Engine, SamplingParams  # noqa: E402
@@ -108,7 +108,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "device": torch.cuda.get_device_name(),
-        "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__},
+        "versions": versions("torch", "triton", "miniengine"),
         "settings": {
             "prompt_len": args.prompt_len,
             "output_len": args.output_len,
@@ -126,9 +126,7 @@ def main() -> None:
     gpu = result["device"].replace("NVIDIA ", "").split()[0].lower()
     tp = f"-tp{args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
     out = args.out or RESULTS / f"latency{tp}-{gpu}-{result['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, out)
 
 
 if __name__ == "__main__":

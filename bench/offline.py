@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from presets import hf_config, model_dir  # noqa: E402
+from report import versions, write_result  # noqa: E402
 from roofline import ModelSpec, gpu_copy_bandwidth, gpu_matmul_rate  # noqa: E402
 from workloads import offline_floor, profile_summary, random_workload  # noqa: E402
 
@@ -165,7 +166,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "device": torch.cuda.get_device_name(),
-        "versions": {name: _version(name) for name in ("torch", "triton", "transformers")},
+        "versions": versions("torch", "triton", "transformers", "miniengine"),
         "settings": {
             "preset": args.preset,
             "dtype": str(engine.dtype),
@@ -216,18 +217,7 @@ def main() -> None:
             print(f"transformers failed: {error!r}")
     gpu = result["device"].replace("NVIDIA ", "").split()[0].lower()
     out = args.out or RESULTS / f"throughput-{args.preset}-{gpu}-{result['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
-
-
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
+    write_result(result, out)
 
 
 if __name__ == "__main__":

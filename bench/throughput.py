@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import versions, write_result  # noqa: E402
 from roofline import ModelSpec, best_peak, cpu_model, generation_floor, measure_cpu_peak  # noqa: E402
 
 from miniengine import Engine, SamplingParams  # noqa: E402
@@ -345,12 +345,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "device": device_info(),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": _version("transformers"),
-            "miniengine": _version("miniengine"),
-        },
+        "versions": versions("torch", "transformers", "miniengine"),
         "settings": {
             "model": os.path.basename(gguf_path),
             "dtype": str(engine.dtype).removeprefix("torch."),
@@ -399,18 +394,7 @@ def main() -> None:
 
     print_table(result)
     out = args.out or RESULTS / f"throughput-cpu-{result['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
-
-
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
+    write_result(result, out)
 
 
 if __name__ == "__main__":

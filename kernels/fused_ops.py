@@ -3,6 +3,7 @@
 
     rms_norm(x, w, eps, residual)   x + residual -> the new residual; normalise it -> w * x / rms(x)
     rotary(positions, q, k, cos, sin)   rotate each head's two halves by its token's angle ("neox" layout)
+    qk_norm_rotary(positions, q, k, q_weight, k_weight, eps, cos, sin)   RMSNorm each head (Qwen3), then rotary
     silu_and_mul(x)                 [T, 2I] -> silu(gate) * up -> [T, I]
 
 Each computes in float32 and rounds once at the end, as transformers does, so outputs match it bit for bit.
@@ -33,6 +34,20 @@ def rotary(
     """Rotate q [T, Hq, D] and k [T, Hkv, D] by the angles of their positions [T] (cos, sin: [max_pos, D/2])."""
     cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def qk_norm_rotary(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3's per-head RMSNorm of q and k, then rotary: the reference of the fused Triton kernel."""
+    return rotary(positions, rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps), cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ graphs capture them; same signatures and results as their references in `fused_o
 
     rms_norm      one program per row: (x + residual) -> new residual, then w * x / rms(x)
     rotary        one program per token: every q and k head's two halves rotated in place
+    qk_norm_rotary  the same program, each head first RMS-normalised (Qwen3): three launches become one
     silu_and_mul  one program per (token, column block): silu(gate) * up
 
 Each computes in float32 and rounds where the reference rounds (after the residual add, before the weight,
@@ -68,6 +69,28 @@ def rotary(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [T, Hq, D] and k [T, Hkv, D] in place by the angles of their positions [T]
     (cos, sin: [max_pos, D/2]), "neox" layout; returns q and k."""
+    return _rotary(positions, q, k, cos, sin, None, None, 0.0)
+
+
+def qk_norm_rotary(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over each head of q and k (weights [D], in q's dtype), then `rotary`, in place: one launch."""
+    head_dim = q.shape[-1]
+    if q_weight.shape != (head_dim,) or k_weight.shape != (head_dim,):
+        raise ValueError(f"qk_norm_rotary needs q/k norm weights of [{head_dim}]: got {tuple(q_weight.shape)}, "
+                         f"{tuple(k_weight.shape)}")  # fmt: skip
+    return _rotary(positions, q, k, cos, sin, q_weight, k_weight, eps)
+
+
+def _rotary(positions, q, k, cos, sin, q_weight, k_weight, eps):
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if k.shape[0] != num_tokens or k.shape[2] != head_dim or head_dim % 2 or cos.shape[-1] * 2 != head_dim:
@@ -79,18 +102,21 @@ def rotary(
         raise ValueError("rotary rotates in place: q and k must be contiguous in head_dim")
     if num_tokens:
         half = head_dim // 2
+        norm = q_weight is not None
         _rotary_kernel[(num_tokens,)](
             positions, q, k, cos.contiguous(), sin.contiguous(), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            q_weight if norm else q, k_weight if norm else k, eps,
             HALF=half, HALF_PAD=triton.next_power_of_2(half), NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
-            HEADS_PAD=triton.next_power_of_2(max(num_heads, num_kv_heads)),
+            HEADS_PAD=triton.next_power_of_2(max(num_heads, num_kv_heads)), NORM=norm,
         )  # fmt: skip
     return q, k
 
 
 @triton.jit
 def _rotate_heads(
-    ptr, stride_h, c, s, NUM: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, HEADS_PAD: tl.constexpr
-):
+    ptr, stride_h, c, s, w_ptr, eps,
+    NUM: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, HEADS_PAD: tl.constexpr, NORM: tl.constexpr,
+):  # fmt: skip
     heads = tl.arange(0, HEADS_PAD)[:, None]
     cols = tl.arange(0, HALF_PAD)[None, :]
     mask = (heads < NUM) & (cols < HALF)
@@ -98,23 +124,31 @@ def _rotate_heads(
     x1 = tl.load(first, mask=mask, other=0.0)
     x2 = tl.load(first + HALF, mask=mask, other=0.0)
     a, b = x1.to(tl.float32), x2.to(tl.float32)
+    if NORM:  # as rms_norm: normalise in fp32, round, times the weight, round (padding adds zeros)
+        r = tl.math.rsqrt((tl.sum(a * a, 1) + tl.sum(b * b, 1)) / (2 * HALF) + eps)[:, None]
+        w1 = tl.load(w_ptr + cols, mask=cols < HALF, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)
+        a = (w1 * (a * r).to(x1.dtype).to(tl.float32)).to(x1.dtype).to(tl.float32)
+        b = (w2 * (b * r).to(x1.dtype).to(tl.float32)).to(x1.dtype).to(tl.float32)
     tl.store(first, (a * c - b * s).to(x1.dtype), mask=mask)
     tl.store(first + HALF, (b * c + a * s).to(x1.dtype), mask=mask)
 
 
 @triton.jit
 def _rotary_kernel(
-    pos_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+    pos_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh, q_w_ptr, k_w_ptr, eps,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
-    HEADS_PAD: tl.constexpr,
+    HEADS_PAD: tl.constexpr, NORM: tl.constexpr,
 ):  # fmt: skip
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + token).to(tl.int64)
     cols = tl.arange(0, HALF_PAD)
     c = tl.load(cos_ptr + pos * HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
     s = tl.load(sin_ptr + pos * HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
-    _rotate_heads(q_ptr + token * stride_qt, stride_qh, c, s, NUM_HEADS, HALF, HALF_PAD, HEADS_PAD)
-    _rotate_heads(k_ptr + token * stride_kt, stride_kh, c, s, NUM_KV_HEADS, HALF, HALF_PAD, HEADS_PAD)
+    q = q_ptr + token * stride_qt
+    k = k_ptr + token * stride_kt
+    _rotate_heads(q, stride_qh, c, s, q_w_ptr, eps, NUM_HEADS, HALF, HALF_PAD, HEADS_PAD, NORM)
+    _rotate_heads(k, stride_kh, c, s, k_w_ptr, eps, NUM_KV_HEADS, HALF, HALF_PAD, HEADS_PAD, NORM)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -60,14 +60,15 @@ class TileConfig:
 # Keyed on the batch kind, then head_dim (<= 64, <= 128, else 256). Decode is bandwidth-bound: the
 # smallest row count tl.dot allows (16), and key tiles of 32 KB (K and V) per step, so three pipeline stages
 # keep ~64 KB in flight per program with two programs per SM. Prefill is compute-bound: 128 rows share each
-# K/V tile (32 tokens x 4 heads at GQA 4); 8 warps keep the fp32 accumulator at 64 registers a thread.
+# K/V tile (32 tokens x 4 heads at GQA 4); 4 warps measured fastest on an H100 (796 us vs 995 us with 8 for
+# 8 x 2048 tokens, `bench/kernels/attention.py --sweep`).
 # Mixed batches (mostly decodes plus a few chunks) take 64 rows: decode tiles waste half as much tensor-core
 # work as with 128, and stay bandwidth-bound. head_dim 256 halves a tile's keys (decode, mixed) or rows
 # (prefill), so K/V stages fit shared memory and the accumulator fits registers.
 TILE_CONFIGS: dict[str, dict[int, TileConfig]] = {
     "decode": {64: TileConfig(16, 128, 4, 3), 128: TileConfig(16, 64, 4, 3), 256: TileConfig(16, 32, 4, 3)},
     "mixed": {64: TileConfig(64, 64, 4, 3), 128: TileConfig(64, 64, 4, 3), 256: TileConfig(64, 32, 8, 2)},
-    "prefill": {64: TileConfig(128, 64, 4, 3), 128: TileConfig(128, 64, 8, 3), 256: TileConfig(64, 64, 8, 2)},
+    "prefill": {64: TileConfig(128, 64, 4, 3), 128: TileConfig(128, 64, 4, 3), 256: TileConfig(64, 64, 8, 2)},
 }
 
 
@@ -139,11 +140,15 @@ def paged_attention(
     *,
     num_splits: int | None = None,
     config: TileConfig | None = None,
+    shared_offsets: bool = True,
 ) -> torch.Tensor:
     """Attention of every query token ([num_tokens, num_heads, head_dim]) over its sequence's cached K/V
     ([num_blocks, block_size, num_kv_heads, head_dim]), as `paged_attention_ref` computes it.
 
     `num_splits` forces the flash-decoding split count, `config` the tile sizes (for tests and tuning).
+    K and V caches laid out alike (the engine's) share one offset tensor, K read as rows and transposed for
+    q k^T: half the address arithmetic (prefill 8 x 2048 on an H100: 796 vs 874 us); `shared_offsets=False`
+    (or differently strided caches) reads K as columns with offsets of its own.
     """
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, cache_dim = k_cache.shape
@@ -189,6 +194,7 @@ def paged_attention(
         # triton 3.9's interpreter returns garbage from tl.dot on bf16 operands: there, dot in fp32.
         UPCAST_DOT=interpret and query.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        SHARED_OFFSETS=shared_offsets and k_cache.stride()[:3] == v_cache.stride()[:3],
         num_warps=plan.config.num_warps, num_stages=plan.config.num_stages,
     )  # fmt: skip
     if num_splits > 1:
@@ -220,7 +226,7 @@ def _attend_keys(
     acc, l_i, m_i, q, start, kv_end, row_pos, table, k_head, v_head, dims, dim_ok,
     scale_log2, stride_kb, stride_ks, stride_vb, stride_vs,
     MASKED: tl.constexpr, DIM_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, SHARED_OFFSETS: tl.constexpr,
 ):  # fmt: skip
     """One step of the online softmax over keys start .. start + BLOCK_N (masked: past kv_end or the diagonal)."""
     keys = start + tl.arange(0, BLOCK_N)
@@ -230,24 +236,35 @@ def _attend_keys(
     else:
         block = tl.load(table + keys // BLOCK_SIZE).to(tl.int64)
     slot = keys % BLOCK_SIZE
-    k_ptrs = k_head + block[None, :] * stride_kb + slot[None, :] * stride_ks + dims[:, None]  # [D, BLOCK_N]
-    v_ptrs = v_head + block[:, None] * stride_vb + slot[:, None] * stride_vs + dims[None, :]  # [BLOCK_N, D]
+    kv_off = block[:, None] * stride_vb + slot[:, None] * stride_vs + dims[None, :]  # [BLOCK_N, D]
+    if SHARED_OFFSETS:  # K and V laid out alike: one offset tensor addresses both, K read as rows too
+        k_ptrs = k_head + kv_off
+    else:
+        k_ptrs = k_head + block[None, :] * stride_kb + slot[None, :] * stride_ks + dims[:, None]  # [D, BLOCK_N]
+    v_ptrs = v_head + kv_off
+    k_mask = key_ok[:, None] & dim_ok[None, :] if SHARED_OFFSETS else key_ok[None, :] & dim_ok[:, None]
+    k_dim_mask = dim_ok[None, :] if SHARED_OFFSETS else dim_ok[:, None]
     if MASKED:
-        k = tl.load(k_ptrs, mask=key_ok[None, :] & dim_ok[:, None], other=0.0)
+        k = tl.load(k_ptrs, mask=k_mask, other=0.0)
         v = tl.load(v_ptrs, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
     elif DIM_MASK:
-        k = tl.load(k_ptrs, mask=dim_ok[:, None], other=0.0)
+        k = tl.load(k_ptrs, mask=k_dim_mask, other=0.0)
         v = tl.load(v_ptrs, mask=dim_ok[None, :], other=0.0)
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
+    if SHARED_OFFSETS:
+        k = tl.trans(k)
     if UPCAST_DOT:
         k = k.to(tl.float32)
     s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
     if MASKED:
         s = tl.where(key_ok[None, :] & (keys[None, :] <= row_pos[:, None]), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep exp2 away from NaN
+    if MASKED:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep exp2 away from NaN
+    else:
+        m_safe = m_new  # every row sees every key of an unmasked tile: the max is finite
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -268,7 +285,7 @@ def _paged_attention_kernel(
     stride_bt, stride_part,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    SPLIT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, SHARED_OFFSETS: tl.constexpr,
 ):  # fmt: skip
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # the last (longest) query tiles first: a shorter tail
     kv_head = tl.program_id(1)
@@ -314,13 +331,13 @@ def _paged_attention_kernel(
         acc, l_i, m_i = _attend_keys(
             acc, l_i, m_i, q, start, kv_end, row_pos, table, k_head, v_head, dims, dim_ok,
             scale_log2, stride_kb, stride_ks, stride_vb, stride_vs,
-            False, HEAD_DIM != HEAD_DIM_PAD, BLOCK_N, BLOCK_SIZE, UPCAST_DOT, DOT_PRECISION,
+            False, HEAD_DIM != HEAD_DIM_PAD, BLOCK_N, BLOCK_SIZE, UPCAST_DOT, DOT_PRECISION, SHARED_OFFSETS,
         )  # fmt: skip
     for start in range(unmasked_end, kv_end, BLOCK_N):
         acc, l_i, m_i = _attend_keys(
             acc, l_i, m_i, q, start, kv_end, row_pos, table, k_head, v_head, dims, dim_ok,
             scale_log2, stride_kb, stride_ks, stride_vb, stride_vs,
-            True, HEAD_DIM != HEAD_DIM_PAD, BLOCK_N, BLOCK_SIZE, UPCAST_DOT, DOT_PRECISION,
+            True, HEAD_DIM != HEAD_DIM_PAD, BLOCK_N, BLOCK_SIZE, UPCAST_DOT, DOT_PRECISION, SHARED_OFFSETS,
         )  # fmt: skip
 
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no key seen (seq_len 0, empty split): zeros

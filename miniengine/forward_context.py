@@ -55,6 +55,9 @@ class Kernels:
     silu_and_mul: Callable[..., torch.Tensor] = fused_ops.silu_and_mul
     # (x, w13, w2, topk_weights, topk_ids) -> [T, hidden]: the experts of a MoE layer (kernels/moe.py)
     fused_moe: Callable[..., torch.Tensor] | None = None
+    # (positions, q, k, q_weight, k_weight, eps, cos, sin): Qwen3's q/k RMSNorm fused into rotary; None runs
+    # rms_norm twice, then rotary
+    qk_norm_rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass(slots=True)

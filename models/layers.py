@@ -45,9 +45,18 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """Rotate q [T, Hq, D] and k [T, Hkv, D] by their token positions [T]."""
-        return get_forward_context().kernels.rotary(positions, q, k, self.cos, self.sin)
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, norms: tuple[RMSNorm, RMSNorm] | None = None
+    ):
+        """Rotate q [T, Hq, D] and k [T, Hkv, D] by their token positions [T]; with `norms` (Qwen3's q_norm and
+        k_norm), normalise each head first, in one kernel where the platform has it."""
+        kernels = get_forward_context().kernels
+        if norms is None:
+            return kernels.rotary(positions, q, k, self.cos, self.sin)
+        q_norm, k_norm = norms
+        if kernels.qk_norm_rotary is None:
+            return kernels.rotary(positions, q_norm(q), k_norm(k), self.cos, self.sin)
+        return kernels.qk_norm_rotary(positions, q, k, q_norm.weight, k_norm.weight, q_norm.eps, self.cos, self.sin)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:

@@ -116,6 +116,15 @@ def test_small_key_tiles_cross_many_blocks():
     check(query, k_cache, v_cache, meta, config=tpa.TileConfig(32, 16, 4, 1), num_splits=3)
 
 
+def test_differently_laid_out_k_and_v():
+    """K and V caches with different strides take the kernel's path with separate K and V offsets."""
+    query, k_cache, v_cache, meta = make_batch(MIXED, 8, 2, 2, 64, torch.float32, seed=4)
+    k_wide = torch.randn(*k_cache.shape[:3], 2 * k_cache.shape[3])[..., : k_cache.shape[3]]
+    k_wide.copy_(k_cache)  # the same keys, every block and slot strided differently from V
+    check(query, k_wide, v_cache, meta)
+    check(query, k_cache, v_cache, meta, shared_offsets=False, num_splits=2)
+
+
 def test_graph_friendly_splits_past_the_end():
     """A batch planned for long sequences (as a captured graph is) stays right for short ones: splits past a
     sequence's end add nothing, and the grid ignores the actual lengths."""

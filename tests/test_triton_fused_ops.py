@@ -97,6 +97,25 @@ def test_rotary_in_place_on_views(dtype, device="cpu", tokens=6, heads=4, kv_hea
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_qk_norm_rotary_in_place(dtype, device="cpu", tokens=5, heads=4, kv_heads=2, head_dim=96):
+    """Qwen3's per-head q/k RMSNorm fused into rotary equals rms_norm twice, then rotary (head_dim 96: the
+    halves are padded to 64 lanes, so the norm's sum must ignore the padding)."""
+    qkv = randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device=device) * 3
+    q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
+    k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    q_weight = randn(head_dim, dtype=dtype, device=device, seed=7)
+    k_weight = randn(head_dim, dtype=dtype, device=device, seed=8)
+    angles = torch.outer(torch.arange(64, dtype=torch.float32), 1.0 / 500 ** (torch.arange(0, head_dim, 2) / head_dim))
+    cos, sin = angles.cos().to(device), angles.sin().to(device)
+    positions = torch.tensor([0, 63, 5, 17, 40], device=device).repeat(tokens // 5 + 1)[:tokens]
+    expected = fused_ops.qk_norm_rotary(positions, q.clone(), k.clone(), q_weight, k_weight, 1e-6, cos, sin)
+    out_q, out_k = tfo.qk_norm_rotary(positions, q, k, q_weight, k_weight, 1e-6, cos, sin)
+    assert out_q.data_ptr() == qkv.data_ptr()  # in place
+    close(out_q, expected[0])
+    close(out_k, expected[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_and_mul(dtype, device="cpu"):
     x = randn(3, 2, 2 * 1100, dtype=dtype, device=device)  # two column blocks, the second partial
     close(tfo.silu_and_mul(x), fused_ops.silu_and_mul(x))
@@ -123,5 +142,6 @@ def test_bad_inputs_raise():
 def test_gpu_real_sizes(dtype):
     test_rms_norm_with_and_without_residual(dtype, "cuda", tokens=300, hidden=4096)
     test_rotary_in_place_on_views(dtype, "cuda", tokens=300, heads=32, kv_heads=8, head_dim=128)
+    test_qk_norm_rotary_in_place(dtype, "cuda", tokens=300, heads=16, kv_heads=8, head_dim=128)
     x = randn(300, 2 * 14336, dtype=dtype, device="cuda")
     close(tfo.silu_and_mul(x), fused_ops.silu_and_mul(x))

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import platform
 import re
 import sys
 from dataclasses import asdict, dataclass
@@ -31,12 +29,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 BENCH = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BENCH))
+from report import versions, write_result  # noqa: E402
 from roofline import gpu_copy_bandwidth, gpu_matmul_rate  # noqa: E402
 
 from miniengine.forward_context import AttentionMetadata  # noqa: E402
@@ -178,11 +176,11 @@ def sweep_candidates(shape: Shape) -> list[dict]:
     """Tile configs (and split counts, for decode) to try beside the default."""
     if shape.kind == "decode":
         configs = [tpa.TileConfig(16, n, w, s) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
-        return [{"config": c} for c in configs] + [{"num_splits": k} for k in (1, 2, 4, 8, 16)]
+        options = [{"config": c, "shared_offsets": o} for c in configs for o in (True, False)]
+        return options + [{"num_splits": k} for k in (1, 2, 4, 8, 16)]
     rows = (64, 128) if shape.kind == "prefill" else (32, 64)
-    return [
-        {"config": tpa.TileConfig(m, n, w, s)} for m in rows for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
-    ]
+    configs = [tpa.TileConfig(m, n, w, s) for m in rows for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
+    return [{"config": c, "shared_offsets": o} for c in configs for o in (True, False)]
 
 
 def seconds_of(fn) -> float:
@@ -229,7 +227,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "device": {"name": name, "sms": torch.cuda.get_device_properties(device).multi_processor_count, **peaks},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__},
+        "versions": versions("torch", "triton"),
         "settings": {
             "heads": HEADS,
             "kv_heads": KV_HEADS,
@@ -248,9 +246,7 @@ def main() -> None:
     print_table(result)
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower().replace("nvidia", "")).strip("-")
     out = args.out or BENCH / "results" / f"attention-{slug}-{result['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, out)
 
 
 def sweep(batch: Batch, shape: Shape, peaks: dict) -> list[dict]:
@@ -265,16 +261,19 @@ def sweep(batch: Batch, shape: Shape, peaks: dict) -> list[dict]:
             print(f"  sweep {shape.name} {options}: {type(error).__name__}")
             continue
         row = timed_row(shape, "triton", seconds, batch, peaks)
+        launch = {k: v for k, v in options.items() if k != "shared_offsets"}
         plan = tpa.plan_launch(
-            batch.query.shape[0], HEADS, KV_HEADS, HEAD_DIM, batch.meta, batch.query.device, **options
+            batch.query.shape[0], HEADS, KV_HEADS, HEAD_DIM, batch.meta, batch.query.device, **launch
         )
-        results.append({"config": asdict(plan.config), "num_splits": plan.num_splits, **row})
+        shared = options.get("shared_offsets", True)
+        results.append({"config": asdict(plan.config), "num_splits": plan.num_splits, "shared_offsets": shared, **row})
     results.sort(key=lambda r: r["time_us"])
-    for r in results[:5]:
+    for r in results[:8]:
         c = r["config"]
         print(
             f"  sweep {shape.name:24} m{c['block_m']} n{c['block_n']} w{c['num_warps']} s{c['num_stages']} "
-            f"splits {r['num_splits']:2}: {r['time_us']:8.1f} us  ratio_to_floor {r['ratio_to_floor']:.2f}"
+            f"splits {r['num_splits']:2} shared {int(r['shared_offsets'])}: {r['time_us']:8.1f} us  "
+            f"ratio_to_floor {r['ratio_to_floor']:.2f}"
         )
     return results
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 from functools import partial
 from itertools import product
@@ -32,6 +31,7 @@ from miniengine.kernels import moe
 from miniengine.kernels import triton_moe as tm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from report import versions, write_result  # noqa: E402
 from roofline import gpu_copy_bandwidth, gpu_matmul_rate  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -103,7 +103,7 @@ def sweep_tiles(block_m: int) -> list:
     """Candidates: deep K chunks and narrow columns for the memory-bound small tiles, wider tiles otherwise."""
     if block_m <= 32:
         return [tm.GemmTile(n, k, 4, s) for n, k, s in product((32, 64, 128), (128, 256), (3, 4))]
-    return [tm.GemmTile(n, k, w, s) for n, k, w, s in product((64, 128), (64, 128), (4, 8), (3, 4))]
+    return [tm.GemmTile(n, k, w, s) for n, k, w, s in product((64, 128, 256), (64, 128), (4, 8), (3, 4))]
 
 
 def sweep(args) -> None:
@@ -114,7 +114,8 @@ def sweep(args) -> None:
         x, w13, w2, weights, ids = inputs
         rows = num_tokens * top_k / num_experts  # per expert, on average
         best = None
-        for block_m in (bm for bm in (16, 32, 64, 128) if min(64, rows / 4) <= bm <= max(16, 2 * rows)):
+        fits = [bm for bm in (16, 32, 64, 128, 256) if min(64, rows / 4) <= bm <= max(16, 2 * rows)]
+        for block_m in [bm for bm in fits if not args.block_m or bm in args.block_m]:
             aligned = tm.triton_align(ids, num_experts, block_m)
             h = torch.empty(aligned[0].numel(), inter, dtype=x.dtype, device=DEVICE)
             out = torch.empty(ids.numel(), hidden, dtype=x.dtype, device=DEVICE)
@@ -122,9 +123,9 @@ def sweep(args) -> None:
             times: dict[str, list] = {"gate_up": [], "down": []}
             for tile, stage in product(sweep_tiles(block_m), gemms):
                 config = tm.MoeConfig(block_m, tile, tile)
-                args = (*gemms[stage], weights.flatten().float(), aligned, top_k, stage == "gate_up", tile, config)
+                launch = (*gemms[stage], weights.flatten().float(), aligned, top_k, stage == "gate_up", tile, config)
                 try:
-                    times[stage].append((bench_us(partial(tm._launch_gemm, *args)), repr(tile), tile))
+                    times[stage].append((bench_us(partial(tm._launch_gemm, *launch)), repr(tile), tile))
                 except triton.runtime.errors.OutOfResources:
                     continue
             (t1, _, tile1), (t2, _, tile2) = min(times["gate_up"]), min(times["down"])
@@ -147,6 +148,7 @@ def device_tag(name: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="time tile configs per shape, print the best")
+    parser.add_argument("--block-m", nargs="+", type=int, default=None, help="sweep only these BLOCK_M")
     parser.add_argument("--skip-check", action="store_true", help="skip comparing outputs first")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--tokens", nargs="+", type=int, choices=TOKENS, default=list(TOKENS))
@@ -200,7 +202,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "device": name,
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda},
+        "versions": versions("torch", "triton") | {"cuda": torch.version.cuda},
         "roofline": {
             "copy_bandwidth_bytes_per_s": bandwidth,
             "bf16_matmul_flops": rate,
@@ -212,9 +214,7 @@ def main() -> None:
         "rows": rows,
     }
     out = args.out or RESULTS / f"moe-{device_tag(name)}-{result['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,31 @@
+"""What every bench ends with: the versions it ran under, and its result as a dated JSON file it names.
+
+versions("torch", "triton")   ->  {"python": "3.12.3", "torch": "2.11.0+cu130", "triton": "3.6.0"}
+write_result(result, path)    ->  bench/results/<bench>-<device>-<date>.json, and a line saying so
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+
+def versions(*packages: str) -> dict[str, str | None]:
+    """Python's version and each installed package's (None for one that is not installed)."""
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {"python": platform.python_version()} | {name: installed(name) for name in packages}
+
+
+def write_result(result: dict, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return out
