@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from presets import model_dir  # noqa: E402
+from report import versions, write_result  # noqa: E402
 from roofline import cpu_model  # noqa: E402
 
 from miniengine import Engine, SamplingParams  # noqa: E402
@@ -206,7 +207,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "device": {"cpu": cpu_model(), "logical_cores": os.cpu_count(), "machine": platform.machine()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "versions": versions("torch", "tokenizers", "numpy", "miniengine"),
         "settings": {
             "model": f"qwen3-0.6b preset with {TINY}",
             "prompt_len": args.prompt_len,
@@ -239,9 +240,7 @@ def main() -> None:
         print(result["after"]["profile"])
     device = re.sub(r"[^a-z0-9]+", "-", result["device"]["cpu"].lower()).strip("-")[:40]
     out = args.out or RESULTS / f"host-step-{device}-{result['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, out)
 
 
 if __name__ == "__main__":
