@@ -2,6 +2,7 @@
 
     python bench/latency.py                          # Qwen3-0.6B and Llama-3-8B shapes, random weights
     python bench/latency.py --presets qwen3-0.6b --tensor-parallel-size 2
+    python bench/latency.py --skip-hf --compare-sync  # also synchronous steps (async scheduling off), same run
 
 One request: a 512-token prompt of random ids, 128 tokens out (greedy, ignore_eos). ms/token counts the decode
 steps only (first token to last), so prefill is not in it. The floor of a decode step is reading every weight
@@ -33,9 +34,9 @@ from miniengine import Engine, SamplingParams  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def ours(name: str, prompt: list[int], out_len: int, tp: int) -> tuple[float, float, Engine]:
+def ours(name: str, prompt: list[int], out_len: int, tp: int, **engine_options) -> tuple[float, float, Engine]:
     directory = model_dir(name, Path(tempfile.mkdtemp()))
-    options = dict(load_format="dummy", max_num_seqs=8, max_model_len=4096, stat_loggers=[])
+    options = dict(load_format="dummy", max_num_seqs=8, max_model_len=4096, stat_loggers=[], **engine_options)
     if tp > 1:
         options["tensor_parallel_size"] = tp
     engine = Engine(str(directory), **options)
@@ -49,6 +50,13 @@ def ours(name: str, prompt: list[int], out_len: int, tp: int) -> tuple[float, fl
             times.append(time.perf_counter())
         best = min(best, (times[-1] - times[0]) / (len(times) - 1))
     return best, times[0], engine
+
+
+def release(engine: Engine) -> None:
+    engine.shutdown()  # stops the tensor parallel workers
+    del engine
+    gc.collect()  # the engine's runner and graphs hold each other: free the KV cache before the next model loads
+    torch.cuda.empty_cache()
 
 
 @torch.inference_mode()
@@ -81,6 +89,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--compare-sync", action="store_true", help="also time synchronous steps (async off)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     bandwidth = gpu_copy_bandwidth(torch.device("cuda"))
@@ -89,16 +98,23 @@ def main() -> None:
         prompt = [random.Random(0).randrange(1000, 30000) for _ in range(args.prompt_len)]
         per_token, _, engine = ours(name, prompt, args.output_len, args.tensor_parallel_size)
         spec = ModelSpec.from_model(engine.runner.model, engine.hf_config, engine.dtype)
-        engine.shutdown()  # stops the tensor parallel workers
-        del engine
-        gc.collect()  # the engine's runner and graphs hold each other: free the KV cache before transformers loads
-        torch.cuda.empty_cache()
+        overlapped = engine.async_scheduling is not None
+        release(engine)
+        sync_ms = None
+        if args.compare_sync and overlapped:  # the same run with synchronous steps, for the overlap's gain
+            sync_per_token, _, engine = ours(name, prompt, args.output_len, 1, async_scheduling=False)
+            sync_ms = 1e3 * sync_per_token
+            release(engine)
         mean_context = args.prompt_len + args.output_len / 2
         # With tensor parallelism each GPU reads its shard at once: engine.runner.model is rank 0's shard, so
         # the spec's bytes (weights and KV per token) are already one GPU's share.
         floor = (spec.weight_bytes + mean_context * spec.kv_bytes_per_token) / bandwidth
         row = {"preset": name, "ms_per_token": 1e3 * per_token, "floor_ms": 1e3 * floor,
-               "ratio_to_floor": floor / per_token, "tensor_parallel_size": args.tensor_parallel_size}  # fmt: skip
+               "ratio_to_floor": floor / per_token, "tensor_parallel_size": args.tensor_parallel_size,
+               "async_scheduling": overlapped}  # fmt: skip
+        if sync_ms is not None:
+            row["sync_ms_per_token"] = sync_ms
+            row["sync_ratio_to_floor"] = 1e3 * floor / sync_ms
         if not args.skip_hf:
             row["transformers_ms_per_token"] = 1e3 * transformers_ms(name, prompt, args.output_len)
         rows.append(row)
@@ -118,11 +134,11 @@ def main() -> None:
         "measured_copy_bandwidth_bytes_per_s": bandwidth,
         "rows": rows,
     }
-    print(f"{'preset':14} {'ms/token':>9} {'floor ms':>9} {'ratio':>6} {'transformers ms':>16}")
+    print(f"{'preset':14} {'ms/token':>9} {'floor ms':>9} {'ratio':>6} {'sync ms':>8} {'transformers ms':>16}")
     for r in rows:
-        hf = r.get("transformers_ms_per_token")
+        hf, sync = r.get("transformers_ms_per_token"), r.get("sync_ms_per_token")
         print(f"{r['preset']:14} {r['ms_per_token']:9.3f} {r['floor_ms']:9.3f} {r['ratio_to_floor']:6.2f} "
-              f"{'' if hf is None else f'{hf:16.2f}'}")  # fmt: skip
+              f"{'' if sync is None else f'{sync:8.3f}':>8} {'' if hf is None else f'{hf:16.2f}'}")  # fmt: skip
     gpu = result["device"].replace("NVIDIA ", "").split()[0].lower()
     tp = f"-tp{args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
     out = args.out or RESULTS / f"latency{tp}-{gpu}-{result['date']}.json"
