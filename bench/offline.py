@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--no-async-scheduling", action="store_true", help="synchronous steps (for a before/after)")
     parser.add_argument("--hf-prompts", type=int, default=0, help="run transformers on the first N prompts (0: skip)")
     parser.add_argument("--profile", action="store_true", help="also profile a short run and say where time goes")
     parser.add_argument("--out", type=Path, default=None)
@@ -130,6 +131,8 @@ def main() -> None:
     start = time.perf_counter()
     options = dict(load_format="dummy", max_num_seqs=args.max_num_seqs, stat_loggers=[],
                    max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager)  # fmt: skip
+    if args.no_async_scheduling:
+        options["async_scheduling"] = False
     if args.tensor_parallel_size > 1:
         options["tensor_parallel_size"] = args.tensor_parallel_size
     engine = Engine(str(directory), **options)
@@ -178,6 +181,7 @@ def main() -> None:
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "tensor_parallel_size": args.tensor_parallel_size,
             "cuda_graphs": not args.enforce_eager,
+            "async_scheduling": engine.async_scheduling is not None,
             "num_kv_blocks": engine.block_manager.num_blocks,
             "prompt_tokens": sum(len(p) for p in workload.prompts),
         },  # fmt: skip
