@@ -6,9 +6,9 @@
       spawn ------------------------------------------------> ("ready", max_model_len)
     AsyncEngine(engine_process)
       commands -> sender thread ---- [Add, Abort, ...] ---->  EngineLoop (engine_loop.py): run the commands,
-      streams  <- receiver thread <-- one message a step ---  step, send (adds taken, output deltas,
-                 DeltaDecoder -> RequestOutputs                 waiting count, the step's StepStats)
-                 stat_loggers.record(StepStats)
+      streams  <- receiver thread <-- one message a step ---  step, hand the report to a sender thread, which
+                 DeltaDecoder -> RequestOutputs                 sends (adds taken, output deltas, waiting
+                 stat_loggers.record(StepStats)                 count, the step's StepStats)
 
 One message per step, whatever the batch: the outputs go as deltas (output_deltas.py), since a whole
 RequestOutput grows with its request. The caller's stat loggers (the server's Prometheus metrics) run
@@ -74,6 +74,7 @@ class EngineProcess:
         context = mp.get_context("spawn")  # never fork: CUDA cannot be re-initialised in a forked child
         commands, self._commands_in = context.Pipe(duplex=False)
         self._reports, reports_in = context.Pipe(duplex=False)
+        _widen(self._reports)
         level = logging.getLogger("miniengine").getEffectiveLevel()
         # Not a daemon: the engine process starts tensor parallel workers of its own.
         self.proc = context.Process(
@@ -178,6 +179,17 @@ def _error_from(proc: mp.Process, rest: list) -> BaseException:
     return EngineProcessError(f"the engine process (pid {proc.pid}) died ({how}) and sent no error")
 
 
+def _widen(pipe: Connection) -> None:
+    """Room for many steps' messages (Linux; 64 KiB otherwise): a front end that is late to read them, busy
+    with its HTTP clients for a moment, must not hold up the engine process's next step."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, 2**20)
+    except (ImportError, AttributeError, OSError):  # not Linux, or above /proc/sys/fs/pipe-max-size
+        pass
+
+
 def _stop(proc: mp.Process, commands: Connection, reports: Connection, timeout: float = 0.0) -> None:
     commands.close()  # the engine process sees its pipe close and leaves
     proc.join(timeout)
@@ -213,6 +225,8 @@ def run_engine_process(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
+    sys.setswitchinterval(0.0005)  # the loop takes the GIL back from the sender soon after each device wait
+    sender = None
     try:
         from miniengine.engine import Engine
         from miniengine.plugins import load_general_plugins
@@ -225,7 +239,7 @@ def run_engine_process(
         forward = _Forward()
         engine = Engine(model, stat_loggers=[forward], **options)
         reports.send(("ready", engine.max_model_len))
-        encoder = DeltaEncoder()
+        sender = _Sender(reports)
 
         def receive(block: bool) -> list[Command]:
             received: list[Command] = []
@@ -237,22 +251,60 @@ def run_engine_process(
 
         def report(step: Report) -> None:
             stats, forward.stats = forward.stats, []
-            added = [(key, _portable(result)) for key, result in step.added]
-            reports.send(("step", added, encoder.encode(step.outputs), step.num_waiting, stats, False))
+            sender.put(step, stats)
 
         EngineLoop(engine).run(receive, report)
-        reports.send(("step", [], [], 0, forward.stats, True))  # the last: the loop has stopped
+        sender.put(Report(), forward.stats, last=True)
+        sender.close()
         engine.shutdown()
     except (EOFError, BrokenPipeError):
         os._exit(0)  # the front end is gone: nobody is left to serve
     except BaseException as error:
-        text = traceback.format_exc()
-        print(f"miniengine engine process failed:\n{text}", file=sys.stderr, flush=True)
+        if sender is not None:
+            sender.close()  # the reports of the steps before the error go first
+        _fail(reports, error)
+
+
+class _Sender:
+    """The engine process's reports, encoded and written by a thread of their own: the loop hands a step's
+    report over and goes on to the next step, and the encoding and the write happen while that step waits
+    for the device (a wait that releases the GIL)."""
+
+    def __init__(self, reports: Connection) -> None:
+        self.reports = reports
+        self.queue: queue.SimpleQueue[tuple[Report, list[StepStats], bool] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="miniengine-reports", daemon=True)
+        self.thread.start()
+
+    def put(self, step: Report, stats: list[StepStats], last: bool = False) -> None:
+        self.queue.put((step, stats, last))
+
+    def close(self) -> None:
+        """Return once everything put so far is sent."""
+        self.queue.put(None)
+        self.thread.join()
+
+    def _run(self) -> None:
+        encoder = DeltaEncoder()
         try:
-            reports.send(("error", _portable(error), text))
+            while (item := self.queue.get()) is not None:
+                step, stats, last = item
+                added = [(key, _portable(result)) for key, result in step.added]
+                self.reports.send(("step", added, encoder.encode(step.outputs), step.num_waiting, stats, last))
         except OSError:
-            pass  # the front end is gone
-        os._exit(1)
+            os._exit(0)  # the front end is gone: nobody is left to serve
+        except BaseException as error:
+            _fail(self.reports, error)
+
+
+def _fail(reports: Connection, error: BaseException) -> None:
+    text = "".join(traceback.format_exception(error))
+    print(f"miniengine engine process failed:\n{text}", file=sys.stderr, flush=True)
+    try:
+        reports.send(("error", _portable(error), text))
+    except OSError:
+        pass  # the front end is gone
+    os._exit(1)
 
 
 def _portable(result: Any) -> Any:

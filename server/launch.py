@@ -50,13 +50,14 @@ class _Server(uvicorn.Server):
 
 def serve(model: str | None, config: ServerConfig, engine_options: dict[str, Any]) -> int:
     """Run `miniengine serve` until SIGTERM / Ctrl+C; returns the exit status."""
+    # The thread that receives the engine's outputs (or, with --no-engine-process, the engine loop itself)
+    # shares the GIL with the HTTP loop. Each time it wakes it waits for the GIL until the HTTP thread yields
+    # it, at most the switch interval (5 ms by default, as long as a small model's whole step on a GPU): a
+    # shorter interval hands it over sooner.
+    sys.setswitchinterval(0.0005)
     if config.engine_process:
         engine: Engine | EngineProcess = EngineProcess(model, **engine_options)
     else:
-        # The engine loop and the HTTP loop share the GIL. When the GPU finishes a step the engine thread waits
-        # for the GIL until the HTTP thread yields it, at most the switch interval (5 ms by default, as long as
-        # a small model's whole step): a shorter interval hands it back sooner.
-        sys.setswitchinterval(0.0005)
         engine = Engine(model, **engine_options)
     name = config.served_model_name or served_model_name(engine.model_path)
     metrics = PrometheusStatLogger(name)
