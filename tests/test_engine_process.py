@@ -35,9 +35,9 @@ from miniengine.output_deltas import DeltaDecoder, DeltaEncoder
 
 OPTIONS = dict(device="cpu", num_kv_blocks=64, max_model_len=512, max_num_seqs=8)
 CASES = [  # (prompt, params): greedy with a stop string, n=2 seeded with logprobs, a chat-like prompt
-    ("The capital of France is", SamplingParams(temperature=0, max_tokens=24, stop=[".", " is"])),
-    ("Once upon a time", SamplingParams(temperature=0.8, seed=7, n=2, max_tokens=12, logprobs=3)),
-    ("List three colors:", SamplingParams(temperature=0, max_tokens=10, logprobs=0, stop=["\n\n"])),
+    ("The capital of France is", SamplingParams(temperature=0, max_tokens=12, stop=[".", " is"])),
+    ("Once upon a time", SamplingParams(temperature=0.8, seed=7, n=2, max_tokens=8, logprobs=3)),
+    ("List three colors:", SamplingParams(temperature=0, max_tokens=6, logprobs=0, stop=["\n\n"])),
 ]
 
 
@@ -59,7 +59,9 @@ class Recorder:
 @pytest.fixture(scope="module")
 def engine_process(smollm2_path):
     process = EngineProcess(smollm2_path, **OPTIONS, stat_loggers=[Recorder()])
-    yield process
+    async_engine = AsyncEngine(process)
+    yield process, async_engine
+    async_engine.shutdown()
     process.shutdown()
 
 
@@ -77,7 +79,7 @@ def test_deltas_rebuild_every_output_exactly(in_process):
     carries only its new tokens."""
     encoder, decoder = DeltaEncoder(), DeltaDecoder()
     ids = [in_process.add_request(prompt, params) for prompt, params in CASES]
-    in_process.add_request("Tell me a long story.", SamplingParams(temperature=0, max_tokens=50), "aborted")
+    in_process.add_request("Tell me a long story.", SamplingParams(temperature=0, max_tokens=20), "aborted")
     steps = 0
     while in_process.has_unfinished():
         outputs = in_process.step()
@@ -98,7 +100,7 @@ async def collect(async_engine: AsyncEngine, prompt, params, request_id: str) ->
 
 def test_outputs_across_the_process_equal_those_in_process(in_process, engine_process):
     """One request at a time (so both engines batch alike): the same outputs, bit for bit, logprobs included."""
-    here, there = AsyncEngine(in_process), AsyncEngine(engine_process)
+    (engine_process, there), here = engine_process, AsyncEngine(in_process)
     finals = []
     try:
         for i, (prompt, params) in enumerate(CASES):
@@ -122,19 +124,18 @@ def test_outputs_across_the_process_equal_those_in_process(in_process, engine_pr
             await collect(there, list(range(100, 700)), SamplingParams(), "long")
         with pytest.raises(TypeError, match="params must be a SamplingParams"):
             await collect(there, "Hi", "not params", "typed")  # type: ignore[arg-type]
-        first = asyncio.create_task(collect(there, "Hi", SamplingParams(max_tokens=100, ignore_eos=True), "mine"))
-        await asyncio.sleep(0.1)
+        first = asyncio.create_task(collect(there, "Hi", SamplingParams(max_tokens=40, ignore_eos=True), "mine"))
+        await asyncio.sleep(0.05)
         with pytest.raises(ValueError, match="'mine' is already in use"):
             await collect(there, "Hello", SamplingParams(), "mine")
-        assert len((await first)[-1].outputs[0].token_ids) == 100  # the refused duplicate left it alone
+        assert len((await first)[-1].outputs[0].token_ids) == 40  # the refused duplicate left it alone
 
     run(bad_input())
     assert there.healthy and there.num_waiting == 0
-    there.shutdown()
-    assert not engine_process.proc.is_alive() and engine_process.proc.exitcode == 0
 
 
 def test_start_up_errors_arrive_as_their_own_type(tiny_llama, tmp_path):
+    before = set(multiprocessing.active_children())  # the module's engine process, if it runs
     with pytest.raises(ValueError, match="larger than the KV cache can hold") as caught:
         EngineProcess(tiny_llama, device="cpu", num_kv_blocks=4, block_size=4, max_model_len=64, stat_loggers=[])
     assert "in the engine process" in "".join(caught.value.__notes__) and "Traceback" in caught.value.__notes__[0]
@@ -143,34 +144,48 @@ def test_start_up_errors_arrive_as_their_own_type(tiny_llama, tmp_path):
     directory = with_architecture(tiny_llama, tmp_path / "script", "ScriptLlamaForCausalLM")
     with pytest.raises(DriverOnlyModelError, match="the engine process cannot import"):
         EngineProcess(directory, device="cpu", stat_loggers=[])
-    assert not multiprocessing.active_children()
+    assert set(multiprocessing.active_children()) == before
 
 
-def test_a_killed_engine_process_ends_streams_and_turns_health_503(tiny_llama, tmp_path):
-    """The model is registered in this process only (an importable class): the engine process gets it as
-    "module:Class". Killed mid-stream, the stream ends with an error event, and /health says why."""
+def test_a_model_registered_here_reaches_the_engine_process(tiny_llama, tmp_path):
+    """An importable class registered in this process only goes over as "module:Class"; shutdown leaves no
+    process behind, and the engine process exits 0."""
+    ModelRegistry.register_model("DriverOnlyLlamaForCausalLM", DriverOnlyLlama)
+    directory = with_architecture(tiny_llama, tmp_path / "driver", "DriverOnlyLlamaForCausalLM")
+    engine = Engine(directory, device="cpu", num_kv_blocks=32, stat_loggers=[])
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = engine.generate([[1, 2, 3]], params, use_tqdm=False)[0]
+    before = set(multiprocessing.active_children())
+    process = EngineProcess(directory, device="cpu", num_kv_blocks=32, stat_loggers=[])
+    async_engine = AsyncEngine(process)
+    assert run(collect(async_engine, [1, 2, 3], params, "0"))[-1] == expected
+    async_engine.shutdown()
+    process.shutdown()
+    assert process.proc.exitcode == 0 and set(multiprocessing.active_children()) == before
+
+
+def test_a_killed_engine_process_ends_streams_and_turns_health_503(engine_process):
+    """Killed mid-stream (last in this module: it ends the module's engine process), the stream ends with an
+    error event, /health says why, and new requests get 503."""
     from fastapi.testclient import TestClient
 
     from miniengine.server import ServerConfig, build_app
     from miniengine.server.metrics import PrometheusStatLogger
 
-    ModelRegistry.register_model("DriverOnlyLlamaForCausalLM", DriverOnlyLlama)
-    directory = with_architecture(tiny_llama, tmp_path / "driver", "DriverOnlyLlamaForCausalLM")
-    engine = EngineProcess(directory, device="cpu", num_kv_blocks=300, block_size=4, stat_loggers=[])
-    metrics = PrometheusStatLogger("tiny")
-    engine.stat_loggers.append(metrics)
-    async_engine = AsyncEngine(engine)
-    body = {"prompt": [1, 2, 3], "max_tokens": 1000, "ignore_eos": True, "stream": True}
-    with TestClient(build_app(async_engine, ServerConfig(), metrics, "tiny")) as client:
+    process, async_engine = engine_process
+    metrics = PrometheusStatLogger("smollm2")
+    process.stat_loggers.append(metrics)
+    body = {"prompt": "Tell me a story.", "max_tokens": 100, "ignore_eos": True, "stream": True}
+    with TestClient(build_app(async_engine, ServerConfig(), metrics, "smollm2")) as client:
         assert client.get("/health").status_code == 200
-        assert client.post("/v1/completions", json={**body, "stream": False, "max_tokens": 4}).status_code == 200
         lines = []
         with client.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
             for line in response.iter_lines():
                 if line.startswith("data: "):
                     lines.append(line[6:])
                     if len(lines) == 1:
-                        os.kill(engine.proc.pid, signal.SIGKILL)
+                        os.kill(process.proc.pid, signal.SIGKILL)
         assert lines[-1] == "[DONE]" and "the engine loop died" in lines[-2] and "SIGKILL" in lines[-2]
         health = client.get("/health")
         assert health.status_code == 503 and "SIGKILL" in health.json()["error"]["message"]
@@ -178,8 +193,8 @@ def test_a_killed_engine_process_ends_streams_and_turns_health_503(tiny_llama, t
     with pytest.raises(EngineStoppedError):
         run(collect(async_engine, [1, 2], SamplingParams(), "late"))
     async_engine.shutdown()
-    engine.shutdown()
-    assert not multiprocessing.active_children()
+    process.shutdown()
+    assert not process.proc.is_alive() and process.proc not in multiprocessing.active_children()
 
 
 def test_the_engine_process_leaves_when_its_front_end_is_killed(tiny_llama):
