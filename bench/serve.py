@@ -6,15 +6,19 @@ same workload through the offline `Engine.generate`, so the cost of serving over
     arrivals: Poisson at --request-rate (inf: all at once), at most --max-concurrency in flight
     client:   POST /v1/completions, stream: true; per request: TTFT, the gaps between chunks (ITL), latency
     offline:  the server stopped, one Engine in this process, generate() on the same prompts (--no-offline skips)
+    servers:  `miniengine serve` as it runs by default, its engine loop in a process of its own (row "server");
+              --server-modes process,thread adds a server whose loop is a thread of the HTTP process (row "thread")
 
     python bench/serve.py                                       # bundled SmolLM2 on the CPU, 32 requests
+    python bench/serve.py --server-modes process,thread         # both placements of the engine loop, one run
     python bench/serve.py --model DIR --device cuda --num-prompts 512 --input-len 512 --output-len 256
     python bench/serve.py --base-url http://127.0.0.1:8000/v1   # a server already running (no offline row)
 
 Engine flags (--device, --dtype, --max-num-seqs, ...) are `miniengine serve`'s, given to both the server and the
 offline engine. Writes bench/results/serve-<device>-<date>.json: device, command, versions, settings, one row
 per mode (request throughput, output tokens/s, TTFT / ITL / latency percentiles, ratio to the roofline floor)
-and `server_over_offline`, the fraction of offline output tokens/s the server keeps.
+and `server_over_offline`, the fraction of offline output tokens/s the server keeps (`thread_over_offline` too,
+with the thread mode).
 """
 
 from __future__ import annotations
@@ -139,9 +143,10 @@ async def run_online(
 class Server:
     """`miniengine serve` in a child process on a free loopback port; its log goes to a temporary file."""
 
-    def __init__(self, model: str | None, engine_flags: list[str], log: Path) -> None:
+    def __init__(self, model: str | None, engine_flags: list[str], log: Path, engine_process: bool = True) -> None:
         command = [sys.executable, "-m", "miniengine", "serve", *([model] if model else []), "--port", "0"]
         command += ["--max-waiting-requests", "1000000", *engine_flags]
+        command += [] if engine_process else ["--no-engine-process"]
         self.log = open(log, "w")  # noqa: SIM115
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log, text=True)
         ready: list[str] = []
@@ -242,8 +247,9 @@ def print_table(result: dict) -> None:
             f"{name:8} {row['request_throughput']:7.2f} {row['output_tokens_per_s']:10.1f} {fmt(ttft):>22} "
             f"{fmt(itl):>21} {row.get('ratio_to_floor', float('nan')):8.1f}"
         )
-    if "server_over_offline" in result:
-        print(f"server / offline output tokens/s: {result['server_over_offline']:.3f}")
+    for row in ("server", "thread"):
+        if f"{row}_over_offline" in result:
+            print(f"{row} / offline output tokens/s: {result[f'{row}_over_offline']:.3f}")
 
 
 def main() -> None:
@@ -258,6 +264,12 @@ def main() -> None:
     parser.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
     parser.add_argument("--seed", type=int, default=0, help="the workload's seed")
     parser.add_argument("--no-offline", action="store_true", help="skip the offline generate() row")
+    parser.add_argument(
+        "--server-modes",
+        default="process",
+        help="where each server started runs its engine loop, in order: process (row 'server', the default of "
+        "`miniengine serve`), thread (row 'thread', `--no-engine-process`); e.g. process,thread",
+    )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads of the server and the offline engine (CPU)"
     )
@@ -284,11 +296,16 @@ def main() -> None:
             served = client.get(args.base_url + "/models").json()["data"][0]["id"]
         rows["server"] = asyncio.run(run_online(args.base_url, served, jobs, warm_up, args))
     else:
-        server = Server(args.model, _as_flags(options), Path(tempfile.gettempdir()) / f"serve-{device}-{date}.log")
-        try:
-            rows["server"] = asyncio.run(run_online(server.base_url, server.model, jobs, warm_up, args))
-        finally:
-            server.stop()
+        for mode in args.server_modes.split(","):
+            if mode not in ("process", "thread"):
+                parser.error(f"--server-modes: {mode!r} is neither 'process' nor 'thread'")
+            log = Path(tempfile.gettempdir()) / f"serve-{mode}-{device}-{date}.log"
+            server = Server(args.model, _as_flags(options), log, engine_process=mode == "process")
+            try:
+                row = "server" if mode == "process" else "thread"
+                rows[row] = asyncio.run(run_online(server.base_url, server.model, jobs, warm_up, args))
+            finally:
+                server.stop()
     spec = peak = None
     if not args.base_url and not args.no_offline:
         rows["offline"], engine = run_offline(args.model, options, jobs, warm_up)
@@ -317,6 +334,7 @@ def main() -> None:
             "request_rate": "inf" if args.request_rate == float("inf") else args.request_rate,
             "max_concurrency": args.max_concurrency,
             "threads": args.threads or "torch default",
+            "server_modes": args.server_modes,
             "seed": args.seed,
             "prompt_tokens_total": sum(len(p) for p, _ in jobs),
             "output_tokens_total": sum(m for _, m in jobs),
@@ -328,8 +346,10 @@ def main() -> None:
     if peak is not None:
         result["roofline"] = {"peak_flops": peak.flops, "peak_bandwidth": peak.bandwidth, "source": peak.source}
         result["roofline"]["floor_s"] = workload_floor(spec, peak, jobs)  # type: ignore[arg-type]
-    if "offline" in rows:
-        result["server_over_offline"] = rows["server"]["output_tokens_per_s"] / rows["offline"]["output_tokens_per_s"]
+    for row in ("server", "thread"):
+        if "offline" in rows and row in rows:
+            ratio = rows[row]["output_tokens_per_s"] / rows["offline"]["output_tokens_per_s"]
+            result[f"{row}_over_offline"] = ratio
     print_table(result)
     out = args.out or RESULTS / f"serve-{device}-{date}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

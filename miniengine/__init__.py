@@ -8,6 +8,7 @@ chunked prefill — written from scratch to be read.
 
 from miniengine.async_engine import AsyncEngine, EngineStoppedError
 from miniengine.engine import Engine, PromptTooLongError
+from miniengine.engine_process import EngineProcess, EngineProcessError
 from miniengine.outputs import CompletionOutput, RequestOutput, StreamDelta
 from miniengine.registry import ModelRegistry
 from miniengine.sampling_params import SamplingParams
@@ -16,6 +17,8 @@ __all__ = [
     "AsyncEngine",
     "CompletionOutput",
     "Engine",
+    "EngineProcess",
+    "EngineProcessError",
     "EngineStoppedError",
     "ModelRegistry",
     "PromptTooLongError",

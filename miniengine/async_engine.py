@@ -1,31 +1,40 @@
-"""AsyncEngine: the engine loop in a background thread; each request is an asyncio stream of its outputs.
+"""AsyncEngine: the engine loop in the background; each request is an asyncio stream of its outputs.
 
-    asyncio tasks (any number)                         the engine thread (the only one that touches the Engine)
-    await add_request(prompt) -- add --> commands -->  Engine.add_request / abort
-    async for out in stream  <-- the request's own      Engine.step() -> [RequestOutput, ...]
-                                 queue <--------------  each output routed by request id
+    asyncio tasks (any number)                              the engine loop (engine_loop.py), either
+    await add_request(prompt) --> Add  --> commands -->     in a thread here:  AsyncEngine(Engine(...))
+    stream.close()            --> AbortStream(key)          or in its own process:  AsyncEngine(EngineProcess(...))
+    async for out in stream   <-- the request's own   <--   reports: adds taken, each step's outputs
+                                  queue                     (routed by request id by the reporting thread)
 
-Callers never wait on a step: `add` and `abort` are commands the engine thread runs between steps, so a
-request joins the very next batch. Each output goes to the stream of the request it names, and only
-there. An output is the request's whole state so far, so a consumer that falls behind simply receives
-the newest one. A consumer that stops listening (its task cancelled, a client gone) aborts its request,
-and its KV blocks return to the pool. If a step raises, the loop is dead: every stream gets the error,
-and `error` says why (a server's /health turns 503).
+Callers never wait on a step: commands run between steps, so a request joins the very next batch. The
+thread shares this process's GIL with whatever else runs here (a busy HTTP server starves it); the
+engine process does not, and sends each step's outputs as deltas (output_deltas.py), rebuilt here into
+the same `RequestOutput`s. Each output goes to the stream of the request it names, and only there. An
+output is the request's whole state so far, so a consumer that falls behind simply receives the newest
+one. A consumer that stops listening (its task cancelled, a client gone) aborts its request, and its KV
+blocks return to the pool. If the loop dies (a step raised, the engine process was killed), every stream
+gets the error, and `error` says why (a server's /health turns 503).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from miniengine.engine import Engine, Prompt
+from miniengine.engine_loop import Abort, AbortStream, Add, Command, Drain, EngineLoop, Report, Stop
 from miniengine.outputs import RequestOutput
 from miniengine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from miniengine.engine_process import EngineProcess
 
 logger = logging.getLogger("miniengine")
 
@@ -40,8 +49,9 @@ class RequestStream:
 
     _owner: AsyncEngine
     _loop: asyncio.AbstractEventLoop
+    key: int  # names this stream to the engine loop
     _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    request_id: str | None = None  # set by the engine thread once the engine took the request
+    request_id: str | None = None  # set once the engine took the request
     finished: bool = False
 
     def __aiter__(self) -> RequestStream:
@@ -62,21 +72,51 @@ class RequestStream:
     def close(self) -> None:
         if not self.finished:
             self.finished = True
-            self._owner._submit(lambda: self._owner._abort_stream(self), quiet=True)
+            self._owner._submit(AbortStream(self.key), quiet=True)
+
+
+class _Thread:
+    """The loop in a thread of this process, over an Engine the caller built."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._device = engine.platform.device()  # the current device is per thread: the loop takes this one
+
+    def send(self, command: Command) -> None:
+        self.commands.put(command)
+
+    def run(self, report: Callable[[Report], None]) -> None:
+        if self._device.index is not None:
+            self.engine.platform.set_device(self._device.index)
+        EngineLoop(self.engine).run(self._receive, report)
+
+    def _receive(self, block: bool) -> list[Command]:
+        commands = []
+        try:
+            commands.append(self.commands.get(block=block))
+            while True:
+                commands.append(self.commands.get_nowait())
+        except queue.Empty:
+            return commands
+
+    def close(self, timeout: float) -> None:
+        pass
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine) -> None:
-        """Start the loop over `engine`; from now on only the loop's thread may call the engine."""
+    def __init__(self, engine: Engine | EngineProcess) -> None:
+        """Start the loop over `engine`: an Engine built here (the loop runs in a thread, and from now on only
+        that thread may call the engine), or an EngineProcess (the loop runs in that process)."""
         self.engine = engine
+        self._backend = _Thread(engine) if isinstance(engine, Engine) else engine
         self.error: BaseException | None = None  # why the loop died, if it did
-        self._commands: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._streams: dict[str, RequestStream] = {}  # engine thread only
-        self._lock = threading.Lock()  # orders "refuse new requests" against "queue a command"
+        self._streams: dict[str, RequestStream] = {}  # request id -> stream; the reporting thread's own
+        self._lock = threading.Lock()  # orders "refuse new requests" against "send a command"
         self._refusing: str | None = None  # why new requests are refused
-        self._pending: set[concurrent.futures.Future[str]] = set()  # adds queued, not yet run
+        self._adding: dict[int, tuple[RequestStream, concurrent.futures.Future[str]]] = {}  # sent, not yet taken
+        self._keys = itertools.count()
         self._num_waiting = 0
-        self._device = engine.platform.device()  # the current device is per thread: the loop takes this one
         self._thread = threading.Thread(target=self._run, name="miniengine-loop", daemon=True)
         self._thread.start()
 
@@ -90,9 +130,9 @@ class AsyncEngine:
         Raises `EngineStoppedError` if the loop takes no more requests. Close the stream if you stop
         reading it before its last output: that aborts the request.
         """
-        stream = RequestStream(self, asyncio.get_running_loop())
+        stream = RequestStream(self, asyncio.get_running_loop(), next(self._keys))
         added: concurrent.futures.Future[str] = concurrent.futures.Future()
-        self._submit(lambda: self._add(stream, prompt, params, request_id, added), added=added)
+        self._submit(Add(stream.key, prompt, params, request_id), adding=(stream, added))
         try:
             await asyncio.wrap_future(added)
         except asyncio.CancelledError:
@@ -113,18 +153,19 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its stream receives a last output with finish_reason "abort"."""
-        self._submit(lambda: self.engine.abort(request_id), quiet=True)
+        self._submit(Abort(request_id), quiet=True)
 
     def drain(self) -> None:
         """Refuse new requests and abort the running ones (their streams end with "abort"): for shutdown."""
         self._refuse("the engine is shutting down")
-        self._submit(lambda: [self.engine.abort(r) for r in list(self._streams)], quiet=True, force=True)
+        self._submit(Drain(), quiet=True, force=True)
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Drain, then stop the loop's thread."""
+        """Drain, then stop the loop (and the engine process, if it runs in one)."""
         self.drain()
-        self._commands.put(None)
+        self._submit(Stop(), quiet=True, force=True)
         self._thread.join(timeout)
+        self._backend.close(timeout)
 
     @property
     def healthy(self) -> bool:
@@ -132,13 +173,13 @@ class AsyncEngine:
 
     @property
     def num_waiting(self) -> int:
-        """Requests not yet given a place in the running batch (queued here, or waiting in the scheduler)."""
-        return len(self._pending) + self._num_waiting
+        """Requests not yet given a place in the running batch (sent to the loop, or waiting in the scheduler)."""
+        return len(self._adding) + self._num_waiting
 
     def _submit(
         self,
-        command: Callable[[], None],
-        added: concurrent.futures.Future[str] | None = None,
+        command: Command,
+        adding: tuple[RequestStream, concurrent.futures.Future[str]] | None = None,
         quiet: bool = False,
         force: bool = False,
     ) -> None:
@@ -147,76 +188,42 @@ class AsyncEngine:
                 if quiet:
                     return
                 raise EngineStoppedError(self._refusing)
-            if added is not None:
-                self._pending.add(added)
-            self._commands.put(command)
+            if adding is not None:
+                self._adding[adding[0].key] = adding
+            self._backend.send(command)
 
     def _refuse(self, reason: str) -> None:
         with self._lock:
             self._refusing = self._refusing or reason
 
-    # ---- the engine thread ---------------------------------------------------------------------------------
+    # ---- the reporting thread (the engine thread itself, or the engine process's receiver) ------------------
 
     def _run(self) -> None:
         try:
-            if self._device.index is not None:
-                self.engine.platform.set_device(self._device.index)
-            while self._run_commands(block=not self.engine.has_unfinished()):
-                self._count_waiting()
-                if self.engine.has_unfinished():
-                    self._deliver(self.engine.step())
-                self._count_waiting()
-            self._deliver(self.engine.step())  # the aborted requests' last outputs
+            self._backend.run(self._report)
             self._end_streams(EngineStoppedError("the engine was shut down"))
         except BaseException as error:
-            logger.exception("the engine loop died")
+            logger.error("the engine loop died: %s: %s", type(error).__name__, error, exc_info=error)
             self.error = error
             self._end_streams(EngineStoppedError(f"the engine loop died: {type(error).__name__}: {error}"))
 
-    def _count_waiting(self) -> None:
-        self._num_waiting = len({s.request_id for s in self.engine.scheduler.waiting})
-
-    def _run_commands(self, block: bool) -> bool:
-        """Run every queued command (waiting for one if `block`); False once told to stop."""
-        try:
-            command = self._commands.get(block=block)
-            while command is not None:
-                command()
-                command = self._commands.get_nowait()
-            return False
-        except queue.Empty:
-            return True
-
-    def _add(
-        self,
-        stream: RequestStream,
-        prompt: Prompt,
-        params: SamplingParams | None,
-        request_id: str | None,
-        added: concurrent.futures.Future[str],
-    ) -> None:
-        with self._lock:
-            self._pending.discard(added)
-        if not added.set_running_or_notify_cancel():
-            return  # the caller gave up before its request was added
-        try:
-            stream.request_id = self.engine.add_request(prompt, params, request_id)
-        except Exception as error:  # bad input: the caller's own error, raised where it awaits
-            added.set_exception(error)
-            return
-        self._streams[stream.request_id] = stream
-        added.set_result(stream.request_id)
-
-    def _abort_stream(self, stream: RequestStream) -> None:
-        # By identity: the caller's request_id may have been refused as a duplicate of someone else's.
-        if stream.request_id is not None and self._streams.get(stream.request_id) is stream:
-            self.engine.abort(stream.request_id)
-
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
+    def _report(self, report: Report) -> None:
+        self._num_waiting = report.num_waiting
+        for key, result in report.added:
+            with self._lock:
+                stream, added = self._adding.pop(key)
+            if not added.set_running_or_notify_cancel():
+                continue  # the caller gave up: its stream's close() aborts the request
+            if isinstance(result, Exception):
+                added.set_exception(result)
+            else:
+                stream.request_id = result
+                self._streams[result] = stream
+                added.set_result(result)
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, object]]] = {}
-        for out in outputs:
+        for out in report.outputs:
             stream = self._streams.get(out.request_id)
-            if stream is None:  # every request here came through `generate`; this one's stream was ended
+            if stream is None:  # its caller gave up before its add was taken: nobody reads this
                 continue
             if out.finished:
                 del self._streams[out.request_id]
@@ -224,11 +231,11 @@ class AsyncEngine:
         self._post(by_loop)
 
     def _end_streams(self, error: EngineStoppedError) -> None:
-        """The loop ends: every open stream, and every add still queued (never to run), gets `error`."""
+        """The loop ends: every open stream, and every add still unanswered (never to be), gets `error`."""
         self._refuse(str(error))
         with self._lock:
-            pending, self._pending = self._pending, set()
-        for added in pending:
+            adding, self._adding = self._adding, {}
+        for _, added in adding.values():
             if added.set_running_or_notify_cancel():
                 added.set_exception(error)
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, object]]] = {}

@@ -120,9 +120,12 @@ def min_over_ranks(value: int, control: dist.ProcessGroup) -> int:
     return int(tensor.item())
 
 
-def models_for_workers(config: SimpleNamespace) -> dict[str, str]:
+def models_for_workers(
+    config: SimpleNamespace, workers: str = "the tensor parallel worker processes"
+) -> dict[str, str]:
     """The driver's own registration of the checkpoint's architecture, as a lazy "module:Class" a worker can
-    import (a model a general plugin registers is known to the workers already; built-ins always are).
+    import (a model a general plugin registers is known to the workers already; built-ins always are). The
+    engine process (engine_process.py) is such a worker too.
 
     A class defined in the driver's `__main__` (a user's script) cannot be imported by another process:
     that is an error, which says how to register the model so that every process has it."""
@@ -136,7 +139,7 @@ def models_for_workers(config: SimpleNamespace) -> dict[str, str]:
         if module == "__main__" or "." in name or importlib.util.find_spec(module) is None:
             raise DriverOnlyModelError(
                 f"architecture {arch!r} is registered in this process only, as class {name} of {module!r}, which "
-                "the tensor parallel worker processes cannot import. Register it from a general plugin (an entry "
+                f"{workers} cannot import. Register it from a general plugin (an entry "
                 "point in the group 'miniengine.general_plugins', run in every process: see "
                 "examples/plugin_package), or register a lazy 'package.module:Class' of an importable module"
             )

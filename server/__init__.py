@@ -6,10 +6,11 @@
                                completions.py: Job = token ids + SamplingParams, checked against limits
                                                                       │  AsyncEngine.add_request per prompt
                                                                       ▼
-              engine thread: Engine.step() ── outputs ──> each request's stream ──> JSON or SSE chunks
-                                    └── StepStats ──> metrics.py (Prometheus, GET /metrics)
+    engine process: Engine.step() ── output deltas ──> RequestOutputs ──> each request's stream ──> JSON or SSE
+                         └── StepStats ──────────────────> metrics.py (Prometheus, GET /metrics)
 
-Nothing here reaches into the engine's internals: any asyncio program could do the same.
+The engine loop runs in a process of its own (EngineProcess), or with --no-engine-process in a thread of
+this one. Nothing here reaches into the engine's internals: any asyncio program could do the same.
 """
 
 from miniengine.server.app import build_app

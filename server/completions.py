@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from itertools import accumulate
 
-from miniengine import AsyncEngine, Engine, EngineStoppedError, RequestOutput, SamplingParams
+from miniengine import AsyncEngine, Engine, EngineProcess, EngineStoppedError, RequestOutput, SamplingParams
 from miniengine.async_engine import RequestStream
 from miniengine.outputs import CompletionOutput
 from miniengine.server.config import ServerConfig
@@ -52,7 +52,7 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat
 class Job:
     chat: bool
     model: str
-    engine: Engine
+    engine: Engine | EngineProcess
     prompts: list[list[int]]
     params: SamplingParams
     echo: list[str] | None = None  # per prompt, the text put before its completions (`echo`)
@@ -282,7 +282,7 @@ class Job:
 # ---- requests -> jobs ------------------------------------------------------------------------------------------
 
 
-def completion_job(body: CompletionRequest, engine: Engine, config: ServerConfig, model: str) -> Job:
+def completion_job(body: CompletionRequest, engine: Engine | EngineProcess, config: ServerConfig, model: str) -> Job:
     raw = [body.prompt] if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else list(body.prompt)
     if len(raw) > config.max_prompts:
         raise APIError(
@@ -307,7 +307,7 @@ def completion_job(body: CompletionRequest, engine: Engine, config: ServerConfig
     )
 
 
-def chat_job(body: ChatCompletionRequest, engine: Engine, config: ServerConfig, model: str) -> Job:
+def chat_job(body: ChatCompletionRequest, engine: Engine | EngineProcess, config: ServerConfig, model: str) -> Job:
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     ids = chat_prompt_ids(body.messages, engine)
@@ -327,7 +327,7 @@ def chat_job(body: ChatCompletionRequest, engine: Engine, config: ServerConfig, 
     )
 
 
-def chat_prompt_ids(messages: list[ChatMessage], engine: Engine) -> list[int]:
+def chat_prompt_ids(messages: list[ChatMessage], engine: Engine | EngineProcess) -> list[int]:
     """The conversation under the model's chat template, as token ids (text parts of a message joined)."""
     plain = [
         {
@@ -344,7 +344,7 @@ def chat_prompt_ids(messages: list[ChatMessage], engine: Engine) -> list[int]:
     return ids
 
 
-def _tokenize(prompt: str | list[int], engine: Engine) -> list[int]:
+def _tokenize(prompt: str | list[int], engine: Engine | EngineProcess) -> list[int]:
     if isinstance(prompt, str):
         if engine.tokenizer is None:
             raise APIError(400, "this model has no tokenizer: send the prompt as token ids", "prompt")
@@ -355,7 +355,7 @@ def _tokenize(prompt: str | list[int], engine: Engine) -> list[int]:
     return ids
 
 
-def _check_ids(ids: list[int], engine: Engine, param: str) -> None:
+def _check_ids(ids: list[int], engine: Engine | EngineProcess, param: str) -> None:
     if not ids:
         raise APIError(400, "the prompt is empty: it needs at least one token", param)
     vocab = engine.hf_config.vocab_size
@@ -367,7 +367,7 @@ def _max_tokens(
     requested: int | None,
     default: int | None,
     prompts: list[list[int]],
-    engine: Engine,
+    engine: Engine | EngineProcess,
     config: ServerConfig,
     param: str,
     prompt_param: str,

@@ -18,6 +18,7 @@ class ServerConfig:
     max_body_bytes: int = 4 * 2**20  # larger request bodies are refused (413) before they are read whole
     max_waiting_requests: int = 1024  # past this many queued requests, new ones get 503 + Retry-After
     shutdown_timeout: float = 5.0  # seconds SIGTERM waits for in-flight responses to end
+    engine_process: bool = True  # the engine loop in its own process; False: in a thread of the server's
 
     def __post_init__(self) -> None:
         for name in ("max_n", "max_prompts", "max_body_bytes", "max_waiting_requests"):

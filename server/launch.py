@@ -1,5 +1,8 @@
 """Start the server: build the engine, its Prometheus logger, the AsyncEngine and the app, then run uvicorn.
 
+The engine runs in a process of its own (EngineProcess), so the HTTP work here never holds up its steps;
+`--no-engine-process` runs it in a thread of this process instead (simpler to debug, slower under load).
+
 SIGTERM (or Ctrl+C) drains: the server stops taking requests, every request in flight ends with
 finish_reason "abort" (a stream gets its last chunk and `data: [DONE]`), and the process exits 0 once the
 responses are out, within `shutdown_timeout` seconds.
@@ -15,6 +18,7 @@ from typing import Any
 import uvicorn
 
 from miniengine import AsyncEngine, Engine
+from miniengine.engine_process import EngineProcess
 from miniengine.server.app import build_app, served_model_name
 from miniengine.server.config import ServerConfig
 from miniengine.server.metrics import PrometheusStatLogger
@@ -46,11 +50,15 @@ class _Server(uvicorn.Server):
 
 def serve(model: str | None, config: ServerConfig, engine_options: dict[str, Any]) -> int:
     """Run `miniengine serve` until SIGTERM / Ctrl+C; returns the exit status."""
-    # The engine loop and the HTTP loop share the GIL. When the GPU finishes a step the engine thread waits
-    # for the GIL until the HTTP thread yields it, at most the switch interval (5 ms by default, as long as
-    # a small model's whole step): a shorter interval hands it back sooner.
+    # The thread that receives the engine's outputs (or, with --no-engine-process, the engine loop itself)
+    # shares the GIL with the HTTP loop. Each time it wakes it waits for the GIL until the HTTP thread yields
+    # it, at most the switch interval (5 ms by default, as long as a small model's whole step on a GPU): a
+    # shorter interval hands it over sooner.
     sys.setswitchinterval(0.0005)
-    engine = Engine(model, **engine_options)
+    if config.engine_process:
+        engine: Engine | EngineProcess = EngineProcess(model, **engine_options)
+    else:
+        engine = Engine(model, **engine_options)
     name = config.served_model_name or served_model_name(engine.model_path)
     metrics = PrometheusStatLogger(name)
     engine.stat_loggers.append(metrics)
@@ -69,5 +77,5 @@ def serve(model: str | None, config: ServerConfig, engine_options: dict[str, Any
         server.run()
     finally:
         async_engine.shutdown()
-        engine.shutdown()  # the tensor parallel workers, if any
+        engine.shutdown()  # the engine process, or the tensor parallel workers, if any
     return 0 if server.started else 1

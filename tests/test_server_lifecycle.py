@@ -1,5 +1,6 @@
 """The server under pressure and at its end: the API key, overload (503 + Retry-After instead of an
-unbounded queue), and SIGTERM in the middle of streams (each ends with "abort", the process exits 0)."""
+unbounded queue), and SIGTERM in the middle of streams (each ends with "abort", the process exits 0, and so
+does the engine process)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 
 import httpx
 import openai
+import psutil
 import pytest
 from server_process import ServerProcess
 
@@ -83,6 +85,8 @@ def test_sigterm_ends_streams_with_abort_and_exits_0(server):
             server.proc.send_signal(signal.SIGTERM)
             return await asyncio.gather(*tasks)
 
+    children = psutil.Process(server.proc.pid).children()  # the engine process (and multiprocessing's tracker)
+    assert any("spawn_main" in " ".join(child.cmdline()) for child in children)
     start = time.monotonic()
     results = asyncio.run(asyncio.wait_for(main(), timeout=120))
     for lines in results:
@@ -90,6 +94,7 @@ def test_sigterm_ends_streams_with_abort_and_exits_0(server):
         assert '"finish_reason":"abort"' in lines[-2].replace(" ", "")
     assert server.proc.wait(timeout=15) == 0
     assert time.monotonic() - start < 15
+    assert not psutil.wait_procs(children, timeout=5)[1]  # they left with the server: no orphan
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.root + "/health")
 

@@ -1,0 +1,319 @@
+"""EngineProcess: an Engine in a spawned process of its own, so that its loop never waits for this process's GIL.
+
+    this process (the front end: an HTTP server)              the engine process (spawned, never forked)
+    EngineProcess(model, **options)                           load general plugins, register the front end's
+      open the checkpoint: tokenizer, chat template, config    own models, build Engine(model, **options)
+      spawn ------------------------------------------------> ("ready", max_model_len)
+    AsyncEngine(engine_process)
+      commands -> sender thread ---- [Add, Abort, ...] ---->  EngineLoop (engine_loop.py): run the commands,
+      streams  <- receiver thread <-- one message a step ---  step, hand the report to a sender thread, which
+                 DeltaDecoder -> RequestOutputs                 sends (adds taken, output deltas, waiting
+                 stat_loggers.record(StepStats)                 count, the step's StepStats)
+
+One message per step, whatever the batch: the outputs go as deltas (output_deltas.py), since a whole
+RequestOutput grows with its request. The caller's stat loggers (the server's Prometheus metrics) run
+here on the StepStats each message carries; stat-logger plugins run in the engine process, beside the loop.
+
+Start-up follows the tensor parallel workers (distributed.py): a model class registered only in this
+process's memory is sent as "module:Class" (or refused with DriverOnlyModelError if no other process can
+import it), and an error while building the engine is raised here, as its own type where it can be
+pickled, with the engine process's traceback attached.
+
+Faults and shutdown: the engine process ignores SIGINT and SIGTERM (a Ctrl-C reaches the whole process
+group; the front end drains and stops it) and exits when told to stop, or when this process is gone (its
+command pipe closes). If it dies, the receiver thread raises `EngineProcessError` (with the traceback it sent,
+if it could): the AsyncEngine ends every stream with that error and turns unhealthy.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import signal
+import sys
+import threading
+import traceback
+import weakref
+from collections.abc import Callable
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from miniengine.config import EngineConfig
+from miniengine.engine_loop import Command, EngineLoop, Report, Stop
+from miniengine.loader import open_checkpoint
+from miniengine.output_deltas import DeltaDecoder, DeltaEncoder
+from miniengine.stats import LoggingStatLogger, StatLogger, StepStats
+
+logger = logging.getLogger("miniengine")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class EngineProcessError(RuntimeError):
+    """The engine process died; the message carries its traceback where it could send one."""
+
+
+class EngineProcess:
+    """An Engine running in its own process, to hand to `AsyncEngine`; what a front end reads of the engine
+    (tokenizer and chat template, model config, max_model_len) is here, in this process."""
+
+    def __init__(self, model: str | None = None, *, stat_loggers: list[StatLogger] | None = None, **options: Any):
+        """Start an engine process with `Engine(model, **options)` and wait until it is ready; `stat_loggers`
+        run here, on each step's StepStats (default: one log line every few seconds)."""
+        config = EngineConfig(model=model, **options)  # bad options fail here, before anything is spawned
+        checkpoint = open_checkpoint(config.model)
+        self.model_path, self.hf_config, self.tokenizer = checkpoint.path, checkpoint.config, checkpoint.tokenizer
+        self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else set()
+        self.stat_loggers: list[StatLogger] = [LoggingStatLogger()] if stat_loggers is None else list(stat_loggers)
+        from miniengine.distributed import models_for_workers  # torch.distributed: only when it is needed
+
+        models = models_for_workers(checkpoint.config, "the engine process")
+        context = mp.get_context("spawn")  # never fork: CUDA cannot be re-initialised in a forked child
+        commands, self._commands_in = context.Pipe(duplex=False)
+        self._reports, reports_in = context.Pipe(duplex=False)
+        _widen(self._reports)
+        level = logging.getLogger("miniengine").getEffectiveLevel()
+        # Not a daemon: the engine process starts tensor parallel workers of its own.
+        self.proc = context.Process(
+            target=run_engine_process,
+            args=(model, options, models, level, commands, reports_in),
+            name="miniengine-engine",
+        )
+        self.proc.start()
+        commands.close()
+        reports_in.close()
+        self._outbox: queue.SimpleQueue[Command | None] = queue.SimpleQueue()
+        self._finalizer = weakref.finalize(self, _stop, self.proc, self._commands_in, self._reports)
+        kind, *rest = self._receive()
+        if kind != "ready":
+            self.close(5.0)
+            raise _error_from(self.proc, rest)
+        self.max_model_len: int = rest[0]
+        threading.Thread(target=self._send_commands, name="miniengine-commands", daemon=True).start()
+
+    def chat_prompt(self, messages: list[dict]) -> dict:
+        """As `Engine.chat_prompt`: the conversation under the model's chat template, as a prompt of token ids."""
+        if self.tokenizer is None:
+            raise ValueError(f"{self.model_path} has no tokenizer: chat needs one")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return {"prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
+
+    # ---- what AsyncEngine calls ----------------------------------------------------------------------------
+
+    def send(self, command: Command) -> None:
+        """Queue a command for the engine process (never blocks: the sender thread writes it)."""
+        self._outbox.put(command)
+
+    def run(self, report: Callable[[Report], None]) -> None:
+        """Hand each step's report to `report` until the loop stops; raises EngineProcessError if it dies."""
+        decoder = DeltaDecoder()
+        while True:
+            kind, *rest = self._receive()
+            if kind != "step":
+                raise _error_from(self.proc, rest)
+            added, deltas, num_waiting, stats, last = rest
+            for step_stats in stats:
+                for stat_logger in self.stat_loggers:
+                    stat_logger.record(step_stats)
+            report(Report(added, decoder.decode(deltas), num_waiting))
+            if last:
+                return
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Wait up to `timeout` seconds for the engine process to end (it was told to stop), then kill it."""
+        self._outbox.put(None)
+        self._finalizer.detach()
+        _stop(self.proc, self._commands_in, self._reports, timeout)
+
+    def shutdown(self) -> None:
+        """Stop the engine process if it still runs (AsyncEngine.shutdown stops it politely first)."""
+        if self.proc.is_alive():
+            self._outbox.put(Stop())
+        self.close(5.0)
+
+    # ---- the pipes -----------------------------------------------------------------------------------------
+
+    def _send_commands(self) -> None:
+        """Forward queued commands, all that are waiting in one message, until `close`."""
+        while True:
+            batch = [self._outbox.get()]
+            while True:
+                try:
+                    batch.append(self._outbox.get_nowait())
+                except queue.Empty:
+                    break
+            commands = [c for c in batch if c is not None]
+            try:
+                if commands:
+                    self._commands_in.send(commands)
+            except (OSError, ValueError):  # the engine process is gone: the receiver reports why
+                return
+            if len(commands) < len(batch):
+                return
+
+    def _receive(self) -> tuple:
+        """The next message from the engine process, or ("dead",) once it has exited without one."""
+        while True:
+            try:
+                if self._reports.poll():
+                    return self._reports.recv()
+            except (EOFError, OSError):
+                return ("dead",)
+            if not self.proc.is_alive():
+                return ("dead",)
+            wait([self._reports, self.proc.sentinel])
+
+
+def _error_from(proc: mp.Process, rest: list) -> BaseException:
+    """The engine process's own error (its traceback attached), or why it ended without one."""
+    if rest:
+        error, text = rest
+        error.add_note(f"in the engine process (pid {proc.pid}):\n{text}")
+        return error
+    proc.join(1)
+    code = proc.exitcode
+    how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+    return EngineProcessError(f"the engine process (pid {proc.pid}) died ({how}) and sent no error")
+
+
+def _widen(pipe: Connection) -> None:
+    """Room for many steps' messages (Linux; 64 KiB otherwise): a front end that is late to read them, busy
+    with its HTTP clients for a moment, must not hold up the engine process's next step."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, 2**20)
+    except (ImportError, AttributeError, OSError):  # not Linux, or above /proc/sys/fs/pipe-max-size
+        pass
+
+
+def _stop(proc: mp.Process, commands: Connection, reports: Connection, timeout: float = 0.0) -> None:
+    commands.close()  # the engine process sees its pipe close and leaves
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(5)
+    reports.close()
+
+
+# ---- the engine process ------------------------------------------------------------------------------------
+
+
+class _Forward:
+    """A stat logger that keeps each step's StepStats for the next message to the front end."""
+
+    def __init__(self) -> None:
+        self.stats: list[StepStats] = []
+
+    def record(self, stats: StepStats) -> None:
+        self.stats.append(stats)
+
+
+def run_engine_process(
+    model: str | None,
+    options: dict[str, Any],
+    models: dict[str, str],
+    log_level: int,
+    commands: Connection,
+    reports: Connection,
+) -> None:
+    """The engine process's life: build the engine, say "ready", run the loop until Stop (or until the front
+    end is gone). Any error: its traceback to stderr and up the pipe, then exit 1."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format=LOG_FORMAT)
+    sys.setswitchinterval(0.0005)  # the loop takes the GIL back from the sender soon after each device wait
+    sender = None
+    try:
+        from miniengine.engine import Engine
+        from miniengine.plugins import load_general_plugins
+        from miniengine.registry import ModelRegistry
+
+        load_general_plugins()  # MINIENGINE_PLUGINS, inherited from the front end, applies here too
+        for arch, target in models.items():
+            if ModelRegistry.registered(arch) is None:
+                ModelRegistry.register_model(arch, target)
+        forward = _Forward()
+        engine = Engine(model, stat_loggers=[forward], **options)
+        reports.send(("ready", engine.max_model_len))
+        sender = _Sender(reports)
+
+        def receive(block: bool) -> list[Command]:
+            received: list[Command] = []
+            if block:
+                commands.poll(None)
+            while commands.poll():
+                received += commands.recv()  # EOFError once the front end is gone: this process ends
+            return received
+
+        def report(step: Report) -> None:
+            stats, forward.stats = forward.stats, []
+            sender.put(step, stats)
+
+        EngineLoop(engine).run(receive, report)
+        sender.put(Report(), forward.stats, last=True)
+        sender.close()
+        engine.shutdown()
+    except (EOFError, BrokenPipeError):
+        os._exit(0)  # the front end is gone: nobody is left to serve
+    except BaseException as error:
+        if sender is not None:
+            sender.close()  # the reports of the steps before the error go first
+        _fail(reports, error)
+
+
+class _Sender:
+    """The engine process's reports, encoded and written by a thread of their own: the loop hands a step's
+    report over and goes on to the next step, and the encoding and the write happen while that step waits
+    for the device (a wait that releases the GIL)."""
+
+    def __init__(self, reports: Connection) -> None:
+        self.reports = reports
+        self.queue: queue.SimpleQueue[tuple[Report, list[StepStats], bool] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="miniengine-reports", daemon=True)
+        self.thread.start()
+
+    def put(self, step: Report, stats: list[StepStats], last: bool = False) -> None:
+        self.queue.put((step, stats, last))
+
+    def close(self) -> None:
+        """Return once everything put so far is sent."""
+        self.queue.put(None)
+        self.thread.join()
+
+    def _run(self) -> None:
+        encoder = DeltaEncoder()
+        try:
+            while (item := self.queue.get()) is not None:
+                step, stats, last = item
+                added = [(key, _portable(result)) for key, result in step.added]
+                self.reports.send(("step", added, encoder.encode(step.outputs), step.num_waiting, stats, last))
+        except OSError:
+            os._exit(0)  # the front end is gone: nobody is left to serve
+        except BaseException as error:
+            _fail(self.reports, error)
+
+
+def _fail(reports: Connection, error: BaseException) -> None:
+    text = "".join(traceback.format_exception(error))
+    print(f"miniengine engine process failed:\n{text}", file=sys.stderr, flush=True)
+    try:
+        reports.send(("error", _portable(error), text))
+    except OSError:
+        pass  # the front end is gone
+    os._exit(1)
+
+
+def _portable(result: Any) -> Any:
+    """`result` as it can cross the pipe: a request id or an error that survives pickling as it is, any other
+    error as a RuntimeError that names it."""
+    if not isinstance(result, BaseException):
+        return result
+    try:
+        pickle.loads(pickle.dumps(result))
+    except Exception:
+        return RuntimeError(f"{type(result).__name__}: {result}")
+    return result
