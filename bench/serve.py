@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import random
@@ -37,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -103,31 +105,79 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], 
     }
 
 
-async def run_online(
-    base_url: str, model: str, jobs: list[tuple[list[int], int]], warm_up: list[tuple[list[int], int]], args
-) -> dict:
-    rng = random.Random(args.seed)
-    limits = httpx.Limits(max_connections=args.max_concurrency or len(jobs) + 8, max_keepalive_connections=None)
+async def send_jobs(
+    base_url: str,
+    model: str,
+    jobs: list[tuple[list[int], int]],
+    rate: float,
+    concurrency: int | None,
+    seed: int,
+    barrier=None,
+) -> tuple[list[dict], float, float]:
+    """Send `jobs` (Poisson arrivals at `rate`, at most `concurrency` in flight); (results, start, end) in
+    wall-clock seconds. With `barrier`, wait there first: the other client processes start at the same time."""
+    rng = random.Random(seed)
+    limits = httpx.Limits(max_connections=concurrency or len(jobs) + 8, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=httpx.Timeout(None)) as client:
-        await asyncio.gather(*(one_request(client, model, p, m) for p, m in warm_up))
-        gate = asyncio.Semaphore(args.max_concurrency or len(jobs))
+        gate = asyncio.Semaphore(concurrency or len(jobs))
 
         async def limited(prompt: list[int], max_tokens: int) -> dict:
             async with gate:
                 return await one_request(client, model, prompt, max_tokens)
 
+        if barrier is not None:
+            await asyncio.to_thread(barrier.wait)
         tasks = []
-        start = time.perf_counter()
+        start = time.time()
         for prompt, max_tokens in jobs:
             tasks.append(asyncio.create_task(limited(prompt, max_tokens)))
-            if args.request_rate != float("inf"):
-                await asyncio.sleep(rng.expovariate(args.request_rate))
+            if rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(rate))
         results = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
+        return results, start, time.time()
+
+
+_barrier = None  # a client process's start line, shared with the others (set by the pool's initializer)
+
+
+def _set_barrier(barrier) -> None:
+    global _barrier
+    _barrier = barrier
+
+
+def _client_process(*job_args) -> tuple[list[dict], float, float]:
+    return asyncio.run(send_jobs(*job_args, barrier=_barrier))
+
+
+def run_online(
+    base_url: str, model: str, jobs: list[tuple[list[int], int]], warm_up: list[tuple[list[int], int]], args
+) -> dict:
+    """The timed run after an untimed warm-up. One Python client parses about ten thousand SSE events a second
+    at most: `--client-processes N` splits the requests (and the rate, and the concurrency) over N processes,
+    so a fast server is not measured at the client's pace."""
+    asyncio.run(send_jobs(base_url, model, warm_up, float("inf"), None, args.seed))
+    n = max(1, min(args.client_processes, len(jobs)))
+    concurrency = -(-args.max_concurrency // n) if args.max_concurrency else None
+    if n == 1:
+        results, start, end = asyncio.run(send_jobs(base_url, model, jobs, args.request_rate, concurrency, args.seed))
+    else:
+        context = multiprocessing.get_context("spawn")
+        barrier = context.Barrier(n)
+        with ProcessPoolExecutor(n, mp_context=context, initializer=_set_barrier, initargs=(barrier,)) as pool:
+            parts = [
+                pool.submit(
+                    _client_process, base_url, model, jobs[i::n], args.request_rate / n, concurrency, args.seed + i
+                )  # fmt: skip
+                for i in range(n)
+            ]
+            outs = [part.result() for part in parts]
+        results = [r for out, _, _ in outs for r in out]
+        start, end = min(s for _, s, _ in outs), max(e for _, _, e in outs)
     errors = [r["error"] for r in results if "error" in r]
     done = [r for r in results if "error" not in r]
-    row = _row(duration, len(done), sum(r["output_tokens"] for r in done), sum(len(p) for p, _ in jobs))
+    row = _row(end - start, len(done), sum(r["output_tokens"] for r in done), sum(len(p) for p, _ in jobs))
     row.update(
+        client_processes=n,
         failed=len(errors),
         first_errors=errors[:3],
         ttft_ms=_percentiles([1e3 * r["ttft"] for r in done]),
@@ -263,6 +313,9 @@ def main() -> None:
     parser.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second")
     parser.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
     parser.add_argument("--seed", type=int, default=0, help="the workload's seed")
+    parser.add_argument(
+        "--client-processes", type=int, default=1, help="client processes sharing the requests (a fast server)"
+    )
     parser.add_argument("--no-offline", action="store_true", help="skip the offline generate() row")
     parser.add_argument(
         "--server-modes",
@@ -294,7 +347,7 @@ def main() -> None:
     if args.base_url:
         with httpx.Client() as client:
             served = client.get(args.base_url + "/models").json()["data"][0]["id"]
-        rows["server"] = asyncio.run(run_online(args.base_url, served, jobs, warm_up, args))
+        rows["server"] = run_online(args.base_url, served, jobs, warm_up, args)
     else:
         for mode in args.server_modes.split(","):
             if mode not in ("process", "thread"):
@@ -303,7 +356,7 @@ def main() -> None:
             server = Server(args.model, _as_flags(options), log, engine_process=mode == "process")
             try:
                 row = "server" if mode == "process" else "thread"
-                rows[row] = asyncio.run(run_online(server.base_url, server.model, jobs, warm_up, args))
+                rows[row] = run_online(server.base_url, server.model, jobs, warm_up, args)
             finally:
                 server.stop()
     spec = peak = None
