@@ -70,9 +70,9 @@ class StepTimes:
             decode[0] = batch.num_tokens == len(batch.seqs)
             return run(batch, *args)
 
-        def timed_step():
+        def timed_step(*args):
             start = time.perf_counter()
-            out = step()
+            out = step(*args)
             self.steps.append((time.perf_counter() - start, decode[0]))
             return out
 

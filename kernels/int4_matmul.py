@@ -50,10 +50,14 @@ class Int4Rows:
 
     @staticmethod
     def from_q8_0(q: torch.Tensor, d: torch.Tensor) -> Int4Rows:
-        """q int8 = 16 hi + lo, hi in -8..7, lo in 0..15:  d q = 16d ((hi + 8) - 8)  +  d (lo - 8) + 8d."""
-        hi, lo = ((q >> 4) + 8).to(torch.uint8), (q & 15).to(torch.uint8)
+        """q int8 [N, K] (or [N, K/32, 32]) = 16 hi + lo, hi in -8..7, lo in 0..15:
+        d q = 16d ((hi + 8) - 8)  +  d (lo - 8) + 8d.  In q's bytes, lo is the low nibble, hi + 8 the high ^ 8."""
+        b, n = q.view(torch.uint8), q.shape[0]
+        out = torch.empty(n, 2, b[0].numel(), dtype=torch.uint8)  # [hi + 8 | lo] along K
+        torch.bitwise_right_shift(b, 4, out=out[:, 0].view(b.shape)).bitwise_xor_(8)
+        torch.bitwise_and(b, 15, out=out[:, 1].view(b.shape))
         scale, zero = torch.cat((16 * d, d), 1), torch.cat((torch.zeros_like(d), 8 * d), 1)
-        return Int4Rows(torch.cat((hi, lo), 1), scale, zero, repeat=2)
+        return Int4Rows(out.view(n, -1), scale, zero, repeat=2)
 
     def permute_rows(self, order: torch.Tensor) -> Int4Rows:
         return Int4Rows(self.q[order], self.scale[order], self.zero[order], self.repeat)
@@ -61,6 +65,8 @@ class Int4Rows:
     @staticmethod
     def cat(parts: list[Int4Rows]) -> Int4Rows:
         """Stacked projections (q|k|v, gate|up): their rows one after the other."""
+        if len(parts) == 1:
+            return parts[0]
         if len({p.repeat for p in parts}) != 1:
             raise ValueError("stacked 4-bit projections must all be Q4 or all Q8_0")
         fields = (torch.cat([getattr(p, f) for p in parts]) for f in ("q", "scale", "zero"))

@@ -109,7 +109,10 @@ def _scales(blocks: torch.Tensor, first: int) -> torch.Tensor:
 
 def _nibbles(blocks: torch.Tensor) -> torch.Tensor:
     """Each block's 16 bytes of packed 4-bit weights -> 32 values 0..15: the low nibbles, then the high."""
-    return torch.cat((blocks & 0x0F, blocks >> 4), dim=-1)
+    out = torch.empty(*blocks.shape[:-1], 32, dtype=torch.uint8)
+    torch.bitwise_and(blocks, 0x0F, out=out[..., :16])
+    torch.bitwise_right_shift(blocks, 4, out=out[..., 16:])
+    return out
 
 
 def dequantize_tensor(t: GGUFTensor) -> torch.Tensor:
@@ -150,7 +153,7 @@ def _q4_1_rows(raw: torch.Tensor) -> Int4Rows:
 
 def _q8_0_rows(raw: torch.Tensor) -> Int4Rows:
     blocks = raw.view(raw.shape[0], -1, 34)
-    return Int4Rows.from_q8_0(blocks[..., 2:].contiguous().view(torch.int8).flatten(1), _scales(blocks, 0).squeeze(-1))
+    return Int4Rows.from_q8_0(blocks[..., 2:].view(torch.int8), _scales(blocks, 0).squeeze(-1))
 
 
 _INT4_ROWS = {
