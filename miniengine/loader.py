@@ -44,7 +44,7 @@ class Checkpoint:
     tokenizer: Tokenizer | None
     # (name, tensor), one at a time; lazy=True: (name, LazyTensor), read when narrowed and materialized
     weights: Callable[..., Iterator[tuple[str, Any]]]
-    # (name, 4-bit terms) of the matrices a GGUF file stores in 4 or 8 bits (models/quantized.py); or None
+    # (name, Int4Rows) of the matrices a GGUF file stores as Q4_0, Q4_1 or Q8_0 (models/quantized.py); or None
     int4_weights: Callable[[], Iterator[tuple[str, Any]]] | None = None
 
 
