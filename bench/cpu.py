@@ -7,7 +7,9 @@ Two workloads on the bundled SmolLM2-135M-Instruct GGUF (Q4_1), greedy, exactly 
 
 Reported for each engine: output tokens/s (prefill included) and decode figures (ms per decode step, decode
 tokens/s); `ratio_to_llama_cpp` is miniengine's decode tokens/s over llama.cpp's. miniengine runs at each
-`--threads` count (torch.set_num_threads), float32 (what the CPU platform picks on a CPU without native bf16);
+`--threads` count (torch.set_num_threads), float32 (what the CPU platform picks on a CPU without native bf16),
+with decode steps of up to `int4_max_rows` sequences through the GGUF's own 4-bit weights where the platform
+keeps them (models/quantized.py; `MINIENGINE_CPU_INT4=0` in the environment measures without them);
 `--baseline DIR` also runs another checkout's miniengine (a directory holding its `miniengine` package, e.g.
 the commit before a change) in a subprocess, for before/after figures from the same run. transformers runs the
 same token ids in float32 (all prompts in one left-padded generate call).
@@ -70,9 +72,9 @@ class StepTimes:
             decode[0] = batch.num_tokens == len(batch.seqs)
             return run(batch, *args)
 
-        def timed_step():
+        def timed_step(*args):
             start = time.perf_counter()
-            out = step()
+            out = step(*args)
             self.steps.append((time.perf_counter() - start, decode[0]))
             return out
 
@@ -88,7 +90,10 @@ def miniengine_figures(threads: int, max_tokens: int) -> dict:
     timer = StepTimes(engine)
     ids = chat_token_ids(engine, PROMPTS)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    out: dict = {"threads": threads, "dtype": str(engine.dtype).removeprefix("torch."), "load_s": load_s}
+    int4 = [getattr(m, "int4", None) for m in engine.runner.model.modules()]
+    int4_max_rows = max((w.max_rows for w in int4 if w is not None), default=0)
+    out: dict = {"threads": threads, "dtype": str(engine.dtype).removeprefix("torch."), "int4_max_rows": int4_max_rows,
+                 "load_s": load_s}  # fmt: skip
     for name, n in WORKLOADS.items():
         engine.generate(ids[:n], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
         engine.reset_prefix_cache()

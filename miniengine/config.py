@@ -11,7 +11,9 @@ class EngineConfig:
     model: str | None = None  # HF-style directory or .gguf file; None: the bundled SmolLM2-135M-Instruct
     device: str = "auto"
     dtype: str = "auto"
-    load_format: str = "auto"  # "auto" reads the checkpoint's weights, "dummy" makes random ones
+    # "auto" reads the checkpoint's weights (on the CPU a GGUF's 4-bit ones are also kept for decode steps,
+    # where that pays), "dense" reads them dequantized only, "dummy" makes random ones
+    load_format: str = "auto"
     max_model_len: int | None = None  # prompt + output tokens of one sequence; None: the model's own limit
     block_size: int = 16
     max_num_seqs: int = 256

@@ -31,6 +31,7 @@ from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from miniengine.gguf_reader import GGUFFile, GGUFTensor, read_gguf
+from miniengine.kernels.int4_matmul import Int4Rows
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
@@ -108,7 +109,10 @@ def _scales(blocks: torch.Tensor, first: int) -> torch.Tensor:
 
 def _nibbles(blocks: torch.Tensor) -> torch.Tensor:
     """Each block's 16 bytes of packed 4-bit weights -> 32 values 0..15: the low nibbles, then the high."""
-    return torch.cat((blocks & 0x0F, blocks >> 4), dim=-1)
+    out = torch.empty(*blocks.shape[:-1], 32, dtype=torch.uint8)
+    torch.bitwise_and(blocks, 0x0F, out=out[..., :16])
+    torch.bitwise_right_shift(blocks, 4, out=out[..., 16:])
+    return out
 
 
 def dequantize_tensor(t: GGUFTensor) -> torch.Tensor:
@@ -136,6 +140,29 @@ def dequantize_tensor(t: GGUFTensor) -> torch.Tensor:
     return torch.from_numpy(np.array(flat, dtype=np.float32, order="C"))
 
 
+def _q4_0_rows(raw: torch.Tensor) -> Int4Rows:
+    blocks = raw.view(raw.shape[0], -1, 18)
+    return Int4Rows.from_q4_0(_nibbles(blocks[..., 2:]).flatten(1), _scales(blocks, 0).squeeze(-1))
+
+
+def _q4_1_rows(raw: torch.Tensor) -> Int4Rows:
+    blocks = raw.view(raw.shape[0], -1, 20)
+    d, m = _scales(blocks, 0).squeeze(-1), _scales(blocks, 2).squeeze(-1)
+    return Int4Rows.from_q4_1(_nibbles(blocks[..., 4:]).flatten(1), d, m)
+
+
+def _q8_0_rows(raw: torch.Tensor) -> Int4Rows:
+    blocks = raw.view(raw.shape[0], -1, 34)
+    return Int4Rows.from_q8_0(blocks[..., 2:].view(torch.int8), _scales(blocks, 0).squeeze(-1))
+
+
+_INT4_ROWS = {
+    GGMLQuantizationType.Q4_0: _q4_0_rows,
+    GGMLQuantizationType.Q4_1: _q4_1_rows,
+    GGMLQuantizationType.Q8_0: _q8_0_rows,
+}
+
+
 @dataclass
 class GGUFCheckpoint:
     config: dict[str, Any]
@@ -159,6 +186,20 @@ class GGUFCheckpoint:
             if permuted and kind in heads:
                 weight = _unpermute_rows(weight, heads[kind])
             yield _hf_tensor_name(t.name), weight
+
+    def int4_weights(self) -> Iterator[tuple[str, Int4Rows]]:
+        """(HF name, its rows for the CPU's int4 kernel) for each matrix the file stores as Q4_0, Q4_1 or
+        Q8_0: the file's own values, unpacked (kernels/int4_matmul.py), in HF row order."""
+        permuted = self.config["model_type"] == "llama"
+        heads = {"attn_q": self.config["num_attention_heads"], "attn_k": self.config["num_key_value_heads"]}
+        for t in self.file.tensors:
+            if len(t.shape) != 2 or t.tensor_type not in _INT4_ROWS:
+                continue
+            rows = _INT4_ROWS[t.tensor_type](torch.from_numpy(t.data))
+            kind = t.name.split(".")[-2]
+            if permuted and kind in heads:
+                rows = rows.permute_rows(_unpermute_rows(torch.arange(rows.q.shape[0]), heads[kind]))
+            yield _hf_tensor_name(t.name), rows
 
     def _lazy_weights(self) -> Iterator[tuple[str, Any]]:
         """(HF name, LazyTensor): a tensor parallel rank narrows each to its slice, and only that is read."""

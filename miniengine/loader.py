@@ -3,7 +3,9 @@
 A checkpoint is a Hugging Face style directory (config.json, *.safetensors or a sharded index, tokenizer.json,
 tokenizer_config.json) or a single .gguf file (llama.cpp's format: see gguf_loader.py). `load_format="dummy"`
 skips the weights and fills every parameter with seeded random values of the right shape (for benchmarks
-and tests of models nobody can download here). No pickle is ever loaded.
+and tests of models nobody can download here). No pickle is ever loaded. On the CPU, a GGUF's 4-bit matrices
+are also kept packed for decode steps where the platform finds that pays (models/quantized.py);
+`load_format="dense"` keeps only the dequantized weights.
 
 Under tensor parallelism (`tp.size > 1`) the checkpoint yields `LazyTensor`s instead of tensors: a handle on
 a tensor in the file that a parallel layer narrows to its rank's rows or columns, so each rank reads only
@@ -26,6 +28,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from miniengine.models.parallel import SINGLE, TensorParallel, building, load_param
+from miniengine.models.quantized import attach_int4
 from miniengine.registry import ModelRegistry
 from miniengine.tokenizer import Tokenizer
 
@@ -41,6 +44,8 @@ class Checkpoint:
     tokenizer: Tokenizer | None
     # (name, tensor), one at a time; lazy=True: (name, LazyTensor), read when narrowed and materialized
     weights: Callable[..., Iterator[tuple[str, Any]]]
+    # (name, Int4Rows) of the matrices a GGUF file stores as Q4_0, Q4_1 or Q8_0 (models/quantized.py); or None
+    int4_weights: Callable[[], Iterator[tuple[str, Any]]] | None = None
 
 
 class LazyTensor:
@@ -102,7 +107,7 @@ def open_checkpoint(model: str | None) -> Checkpoint:
         gguf = load_gguf(path)
         config = SimpleNamespace(**gguf.config)
         tokenizer = Tokenizer(gguf.tokenizer, gguf.tokenizer_config, _eos_ids(config, {}))
-        return Checkpoint(str(path), config, tokenizer, gguf.weights)
+        return Checkpoint(str(path), config, tokenizer, gguf.weights, gguf.int4_weights)
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(
             f"{str(path)!r} is neither a .gguf file nor a directory with config.json "
@@ -169,8 +174,8 @@ def load_model(
     tp: TensorParallel = SINGLE,
 ) -> nn.Module:
     """Build the model (this rank's shard of it, under tensor parallelism) and fill its weights."""
-    if load_format not in ("auto", "dummy"):
-        raise ValueError(f"load_format {load_format!r} is not one of auto, dummy")
+    if load_format not in ("auto", "dense", "dummy"):
+        raise ValueError(f"load_format {load_format!r} is not one of auto, dense, dummy")
     model_cls = ModelRegistry.resolve(list(getattr(checkpoint.config, "architectures", None) or []))
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -187,6 +192,12 @@ def load_model(
         missing = {name for name, _ in model.named_parameters()} - loaded
         if missing:
             raise ValueError(f"{checkpoint.path} lacks weights for {sorted(missing)[:5]} ({len(missing)} in all)")
+        if load_format == "auto" and checkpoint.int4_weights is not None and device.type == "cpu" and tp.size == 1:
+            from miniengine.platforms.cpu import int4_max_rows
+
+            max_rows = int4_max_rows()
+            if max_rows:
+                attach_int4(model, checkpoint.int4_weights(), max_rows)
     return model.eval()
 
 

@@ -15,6 +15,9 @@ A layer takes the `TensorParallel` in force while the model is built (`building(
 construction: loader.py), so model classes keep their one-argument constructor. At size 1 every layer is
 the plain layer it extends and no collective ever runs.
 
+On the CPU a linear layer may also hold its checkpoint's 4-bit copy (`int4`, models/quantized.py), which
+steps of few rows multiply by.
+
 Loading: each split parameter carries `full_shape` and `weight_loader(param, tensor, shard=None)`, which
 takes the *full* checkpoint tensor, or a lazy one (loader.py: narrowing it reads only the rank's bytes), and
 copies in this rank's part. Random dummy weights are drawn full-size and loaded the same way, so every
@@ -34,6 +37,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from miniengine.kernels.int4_matmul import Int4Weight, int4_or_dense_linear
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +144,8 @@ class ColumnParallelLinear(nn.Linear):
     """y = x W^T with W's output rows split across ranks. Several stacked projections (`output_sizes`:
     gate|up) are split one by one, so each rank holds its part of each, stacked the same way."""
 
+    int4: Int4Weight | None = None  # the checkpoint's 4-bit copy of `weight` (models/quantized.py)
+
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool) -> None:
         self.tp = current_tp()
         self.output_sizes = output_sizes
@@ -172,6 +179,9 @@ class ColumnParallelLinear(nn.Linear):
     def load_shard(self, param: nn.Parameter, shard: int, loaded: Any) -> None:
         self.weight_loader(param, loaded, shard)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int4_or_dense_linear(x, self.weight, self.bias, self.int4)
+
 
 class QKVParallelLinear(ColumnParallelLinear):
     """q|k|v stacked, split by heads: rank r holds query heads r*Hq/N.., and KV heads r*Hkv/N.. or, with
@@ -198,6 +208,8 @@ class RowParallelLinear(nn.Linear):
     output), each rank's product is a partial sum, and the all-reduce here adds them. The bias is added
     once, after the reduce."""
 
+    int4: Int4Weight | None = None
+
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         self.tp = current_tp()
         self.full_in = in_features
@@ -213,7 +225,7 @@ class RowParallelLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.linear(x, self.weight, self.bias)
+            return int4_or_dense_linear(x, self.weight, self.bias, self.int4)
         out = self.tp.all_reduce(F.linear(x, self.weight))
         return out if self.bias is None else out + self.bias
 
@@ -250,6 +262,8 @@ class ParallelLMHead(VocabParallelEmbedding):
     """The output projection over the vocabulary, split as the embedding is (so the two may be tied):
     `forward` returns the full logits on rank 0, None on the other ranks."""
 
+    int4: Int4Weight | None = None
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        logits = self.tp.gather_last_dim(F.linear(hidden, self.weight))
+        logits = self.tp.gather_last_dim(int4_or_dense_linear(hidden, self.weight, None, self.int4))
         return logits if logits is None or self.tp.size == 1 else logits[..., : self.vocab_size]

@@ -13,6 +13,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Parity tests compare float32 runs with transformers' float32; a CPU with native bf16 would default to bf16.
 os.environ.setdefault("MINIENGINE_CPU_DTYPE", "float32")
+# ... and with the dense weights only: the int4 decode path (models/quantized.py) is checked against them.
+os.environ.setdefault("MINIENGINE_CPU_INT4", "0")
 
 from miniengine.gguf_loader import bundled_smollm2_path  # noqa: E402
 

@@ -5,6 +5,10 @@ What pays on a CPU is chosen here, measured rather than assumed:
   /proc/cpuinfo) and a bf16 matmul of a decode step's shape then beats float32 on this machine; float32
   elsewhere (an AVX2-only CPU converts bf16 in software: slower than float32, at lower precision).
   `dtype=` overrides it, and so does `MINIENGINE_CPU_DTYPE` (the test suite pins float32 with it).
+- 4-bit decode steps: a GGUF's Q4_0 / Q4_1 / Q8_0 matrices are also kept packed for torch's CPU int4
+  kernel (models/quantized.py), and steps of at most `INT4_MAX_ROWS` rows multiply by them, where the kernel
+  exists and one row through it beats float32 here. `load_format="dense"` (--load-format dense) keeps the
+  dequantized weights only; `MINIENGINE_CPU_INT4` overrides the choice: 0 off, N on for steps of <= N rows.
 """
 
 from __future__ import annotations
@@ -19,10 +23,14 @@ import torch
 from miniengine.config import EngineConfig
 from miniengine.forward_context import Kernels
 from miniengine.kernels import moe
+from miniengine.kernels.int4_matmul import Int4Rows, Int4Weight, int4_kernel_available, int4_matmul
 from miniengine.kernels.paged_attention import paged_attention_sdpa, store_kv
 from miniengine.platforms.interface import Platform
 
 DEFAULT_KV_CACHE_GIB = 4.0
+# Steps of at most this many rows multiply by the 4-bit copy. On the 2-core AVX2 EPYC (SmolLM2's 30 layers,
+# weights from DRAM, bench/README.md) int4 takes 0.3x float32's time at 1 row, about 0.6x at 8, ~1x at 24.
+INT4_MAX_ROWS = 16
 
 
 class CpuPlatform(Platform):
@@ -96,3 +104,37 @@ def bf16_matmul_pays() -> bool:
         return min(times[5:])
 
     return best(torch.bfloat16) < best(torch.float32)
+
+
+def int4_max_rows() -> int:
+    """Steps of at most this many rows multiply by a GGUF's 4-bit weights; 0: keep no 4-bit copy."""
+    forced = os.environ.get("MINIENGINE_CPU_INT4")
+    if forced:
+        if not forced.isdigit():
+            raise ValueError(f"MINIENGINE_CPU_INT4={forced!r} is not a number of rows (0: off)")
+        return int(forced) if int4_kernel_available() else 0
+    return INT4_MAX_ROWS if int4_matmul_pays() else 0
+
+
+@functools.cache
+def int4_matmul_pays() -> bool:
+    """Some 50 ms, once per process: torch has the int4 kernel, and one row through 12 weights of SmolLM2's
+    MLP shape (1536 x 576; 42 MB in float32, so read from memory as a decode step reads them, not from the
+    cache) is faster through their 4-bit copies than through float32 here."""
+    if not int4_kernel_available():
+        return False
+    q = torch.zeros(1536, 576, dtype=torch.uint8)
+    copies = [Int4Weight.pack(Int4Rows(q, torch.ones(1536, 18), torch.zeros(1536, 18))) for _ in range(12)]
+    dense = [torch.ones(1536, 576) for _ in range(12)]
+    x = torch.ones(1, 576)
+
+    def best(multiply: Callable[[], object]) -> float:
+        times = []
+        for _ in range(4):
+            start = time.perf_counter()
+            multiply()
+            times.append(time.perf_counter() - start)
+        return min(times[1:])
+
+    int4 = best(lambda: [int4_matmul(x, w) for w in copies])
+    return int4 < best(lambda: [torch.nn.functional.linear(x, w) for w in dense])
