@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import figures_from, versions, write_result  # noqa: E402
 from roofline import cpu_model  # noqa: E402
 from throughput import PROMPTS, chat_token_ids, load_hf, pad_token_id, run_hf  # noqa: E402
 
@@ -165,13 +166,7 @@ def llama_cpp_figures(binary: Path, max_tokens: int, threads: int) -> dict | Non
 
 def baseline_figures(directory: str, threads: list[int], max_tokens: int) -> list[dict]:
     """This file's miniengine part, run in a subprocess that imports miniengine from `directory`."""
-    env = {**os.environ, "PYTHONPATH": directory}
-    figures = []
-    for t in threads:
-        command = [sys.executable, __file__, "--engine-only", "--threads", str(t), "--max-tokens", str(max_tokens)]
-        run = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-        figures.append(json.loads(run.stdout.strip().splitlines()[-1]))
-    return figures
+    return [figures_from(__file__, ["--threads", str(t), "--max-tokens", str(max_tokens)], directory) for t in threads]
 
 
 def print_table(result: dict) -> None:
@@ -223,7 +218,7 @@ def main() -> None:
             "machine": platform.machine(),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         },  # fmt: skip
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "versions": versions("torch", "miniengine"),
         "model": os.path.basename(default_model()),
         "max_tokens": args.max_tokens,
         "miniengine": [miniengine_figures(t, args.max_tokens) for t in threads],
@@ -245,9 +240,7 @@ def main() -> None:
     print_table(result)
     device = re.sub(r"[^a-z0-9]+", "-", result["device"]["cpu"].lower()).strip("-")[:40]
     out = args.out or RESULTS / f"cpu-{device}-{result['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, out)
 
 
 if __name__ == "__main__":

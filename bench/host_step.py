@@ -32,7 +32,6 @@ import pstats
 import random
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from presets import model_dir  # noqa: E402
-from report import versions, write_result  # noqa: E402
+from report import figures_from, versions, write_result  # noqa: E402
 from roofline import cpu_model  # noqa: E402
 
 from miniengine import Engine, SamplingParams  # noqa: E402
@@ -174,11 +173,9 @@ def decode_profile(batch: int, prompt_len: int, output_len: int) -> str:
 
 def figures_of(directory: str | None, args: argparse.Namespace) -> dict:
     """This file's measurement in a subprocess, importing miniengine from `directory` (None: this checkout)."""
-    env = {**os.environ, "PYTHONPATH": directory} if directory else dict(os.environ)
-    command = [sys.executable, __file__, "--engine-only", "--batches", *map(str, args.batches),
-               "--prompt-len", str(args.prompt_len), "--output-len", str(args.output_len)]  # fmt: skip
-    run = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    flags = ["--batches", *map(str, args.batches), "--prompt-len", str(args.prompt_len),
+             "--output-len", str(args.output_len)]  # fmt: skip
+    return figures_from(__file__, flags, directory)
 
 
 def best_of(runs: list[dict]) -> dict:

@@ -29,7 +29,6 @@ import datetime
 import json
 import multiprocessing
 import os
-import platform
 import random
 import re
 import signal
@@ -45,6 +44,7 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import versions, write_result  # noqa: E402
 from roofline import DevicePeak, ModelSpec, cpu_model, gpu_peak, measure_cpu_peak  # noqa: E402
 
 from miniengine import Engine, SamplingParams  # noqa: E402
@@ -272,15 +272,6 @@ def _device(options: dict) -> tuple[str, dict]:
     return "cpu", {"cpu": cpu_model(), "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 
 
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
-
-
 def print_table(result: dict) -> None:
     s = result["settings"]
     print(
@@ -375,8 +366,7 @@ def main() -> None:
         "date": date,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "device": {"type": device, **device_info},
-        "versions": {n: _version(n) for n in ("miniengine", "torch", "fastapi", "uvicorn", "httpx")}
-        | {"python": platform.python_version()},
+        "versions": versions("miniengine", "torch", "fastapi", "uvicorn", "httpx"),
         "settings": {
             "model": os.path.basename(model_path.rstrip("/")),
             "engine_options": options,
@@ -405,8 +395,7 @@ def main() -> None:
             result[f"{row}_over_offline"] = ratio
     print_table(result)
     out = args.out or RESULTS / f"serve-{device}-{date}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, out)
 
 
 def _as_flags(options: dict) -> list[str]:

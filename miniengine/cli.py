@@ -21,6 +21,8 @@ from miniengine.config import EngineConfig
 from miniengine.engine import Engine
 from miniengine.sampling_params import SamplingParams
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the log lines of every miniengine process
+
 _TYPES = {"str": str, "int": int, "float": float}
 
 
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args: argparse.Namespace, engine_names: list[str], server_names: list[str]) -> int:
     from miniengine.server import ServerConfig, serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     options = given(args, server_names)
     # A key on the command line shows in `ps`; the environment does not.
     options.setdefault("api_key", os.environ.get("MINIENGINE_API_KEY") or None)
@@ -125,7 +127,7 @@ def _worker(args: argparse.Namespace) -> int:
             "node-rank in 1..nnodes-1 (host 0 runs the engine), and a size that is a multiple of nnodes"
         )
     per_node = size // nnodes
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     return run_node(Rendezvous(args.distributed_init_method, size, node * per_node, 0, args.device), per_node)
 
 

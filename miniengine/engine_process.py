@@ -47,10 +47,6 @@ from miniengine.loader import open_checkpoint
 from miniengine.output_deltas import DeltaDecoder, DeltaEncoder
 from miniengine.stats import LoggingStatLogger, StatLogger, StepStats
 
-logger = logging.getLogger("miniengine")
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
 
 class EngineProcessError(RuntimeError):
     """The engine process died; the message carries its traceback where it could send one."""
@@ -224,6 +220,8 @@ def run_engine_process(
     end is gone). Any error: its traceback to stderr and up the pipe, then exit 1."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from miniengine.cli import LOG_FORMAT
+
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
     sys.setswitchinterval(0.0005)  # the loop takes the GIL back from the sender soon after each device wait
     sender = None

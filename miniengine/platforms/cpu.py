@@ -94,16 +94,11 @@ def bf16_matmul_pays() -> bool:
     """A few milliseconds, once per process: is a bf16 matmul of a decode step's shape (32 tokens through a
     576 x 1536 weight, SmolLM2's MLP) faster than float32's here?"""
 
-    def best(dtype: torch.dtype) -> float:
+    def matmul(dtype: torch.dtype) -> Callable[[], object]:
         x, w = torch.randn(32, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
-        times = []
-        for _ in range(20):
-            start = time.perf_counter()
-            torch.nn.functional.linear(x, w)
-            times.append(time.perf_counter() - start)
-        return min(times[5:])
+        return lambda: torch.nn.functional.linear(x, w)
 
-    return best(torch.bfloat16) < best(torch.float32)
+    return _fastest(matmul(torch.bfloat16), 20, 5) < _fastest(matmul(torch.float32), 20, 5)
 
 
 def int4_max_rows() -> int:
@@ -128,13 +123,15 @@ def int4_matmul_pays() -> bool:
     dense = [torch.ones(1536, 576) for _ in range(12)]
     x = torch.ones(1, 576)
 
-    def best(multiply: Callable[[], object]) -> float:
-        times = []
-        for _ in range(4):
-            start = time.perf_counter()
-            multiply()
-            times.append(time.perf_counter() - start)
-        return min(times[1:])
+    int4 = _fastest(lambda: [int4_matmul(x, w) for w in copies], 4, 1)
+    return int4 < _fastest(lambda: [torch.nn.functional.linear(x, w) for w in dense], 4, 1)
 
-    int4 = best(lambda: [int4_matmul(x, w) for w in copies])
-    return int4 < best(lambda: [torch.nn.functional.linear(x, w) for w in dense])
+
+def _fastest(run: Callable[[], object], times: int, warm_up: int) -> float:
+    """The least seconds `run` took in `times` calls, the first `warm_up` not counted."""
+    seconds = []
+    for _ in range(times):
+        start = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - start)
+    return min(seconds[warm_up:])
