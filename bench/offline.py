@@ -39,14 +39,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class PhaseTimer:
-    """Host time of each phase of a step: preparation + launch (forward), logits and sampling queued (launch),
-    waiting for the sampled ids (the one sync of a step; with async scheduling the next step runs meanwhile),
-    and the engine's own work (scheduling, detokenising, outputs)."""
+    """Host time of each phase of a step: preparation + launch of the forward and LM head (forward), sampling
+    queued (sample), waiting for the sampled ids (the one sync of a step; with async scheduling the next step
+    runs meanwhile), and the engine's own work (scheduling, detokenising, outputs)."""
 
     def __init__(self, engine: Engine) -> None:
         self.totals = {"step": 0.0, "forward": 0.0, "launch": 0.0, "wait for ids": 0.0}
         self.steps = 0
-        step, forward, launch = engine._step, engine.runner.forward, engine.runner.launch  # generate() loops on _step
+        step, forward, launch = engine._step, engine.runner.execute, engine.runner.launch  # generate() loops on _step
 
         def timed(key, fn):
             def wrapper(*args, **kwargs):
@@ -62,16 +62,14 @@ class PhaseTimer:
             self.steps += 1
             return timed("step", step)(*args)
 
-        engine._step, engine.runner.forward = timed_step, timed("forward", forward)
+        engine._step, engine.runner.execute = timed_step, timed("forward", forward)
         engine.runner.launch = timed("launch", launch)  # runner.run (no async scheduling) calls launch too
         Sampled.results = timed("wait for ids", Sampled.results)  # for the whole process: one timer per run
 
     def summary(self) -> dict:
         t = dict(self.totals)
-        t["logits+sample"] = t.pop("launch") - t["forward"]  # launch() includes forward()
-        t["engine (schedule, detokenize, outputs)"] = (
-            t.pop("step") - t["forward"] - t["logits+sample"] - t["wait for ids"]
-        )
+        t["sample"] = t.pop("launch") - t["forward"]  # launch() includes execute()
+        t["engine (schedule, detokenize, outputs)"] = t.pop("step") - t["forward"] - t["sample"] - t["wait for ids"]
         return {"steps": self.steps, "host_seconds": t}
 
 

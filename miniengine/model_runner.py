@@ -140,7 +140,9 @@ class ModelRunner:
         padded steps eagerly)."""
         from miniengine.cuda_graph import CudaGraphRunner
 
-        self.graphs = CudaGraphRunner(self, max_num_seqs, max_model_len, capture)
+        # The LM head goes into the graph, except where its logits are gathered across ranks.
+        logits = self.config.tensor_parallel_size == 1
+        self.graphs = CudaGraphRunner(self, max_num_seqs, max_model_len, capture, logits)
 
     def to_device(
         self, step: StepInput, fed_ids: torch.Tensor | None = None
@@ -168,9 +170,10 @@ class ModelRunner:
         return ids, pos, metadata, rows
 
     def forward(self, step: StepInput, extra: dict | None = None, fed_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Hidden states of the rows to sample; `extra`: the step's extra-input rows (extra_inputs.py);
+        """Hidden states of the rows to sample (a decode graph that ends with the LM head is replayed by
+        `execute`, not here); `extra`: the step's extra-input rows (extra_inputs.py);
         `fed_ids`: the previous step's sampled ids, for the rows `step.fed_rows` (async scheduling)."""
-        if self.graphs is not None and self.graphs.can_run(step) and not extra:
+        if self._replays(step, extra) and not self.graphs.logits:
             return self.graphs.run(step, fed_ids)
         input_ids, positions, metadata, rows = self.to_device(step, fed_ids)
         with set_forward_context(ForwardContext(metadata, self.kernels)):
@@ -202,8 +205,14 @@ class ModelRunner:
     ) -> torch.Tensor | None:
         """The logits of the step's sampled rows (None when none is sampled, and on tensor parallel ranks
         other than 0, which send their slice of the vocabulary to rank 0)."""
+        if self._replays(step, extra) and self.graphs.logits:
+            return self.graphs.run(step, fed_ids)  # the graph ends with the LM head
         hidden = self.forward(step, extra_inputs_to(extra, self.device), fed_ids)
         return self.model.compute_logits(hidden) if len(step.sample_rows) else None
+
+    def _replays(self, step: StepInput, extra: dict | None) -> bool:
+        """Whether the step replays a captured decode graph."""
+        return self.graphs is not None and self.graphs.can_run(step) and not extra
 
     def kv_blocks_that_fit(self, longest: int, sampler: Sampler | None = None) -> int:
         """As many KV blocks as the platform's memory budget holds, after a profiling run of a full step

@@ -74,8 +74,11 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> Sampled:
         """Sample every row, and start copying the ids (and log-probs) to the host: nothing waits yet."""
-        logits = logits.float()
         num_logprobs = [s.params.logprobs for s in seqs]
+        if all(_plain_greedy(s) for s in seqs):  # the common case in one op: the argmax of the model's logits
+            token_ids = logits.argmax(dim=-1)
+            return Sampled(token_ids, HostCopy(token_ids), num_logprobs)
+        logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(n is not None for n in num_logprobs) else None
         logits = self._apply_penalties(logits, seqs)
         logits = self._hide_stop_tokens(logits, seqs)
@@ -160,6 +163,19 @@ class Sampler:
             seed = hash((seq.params.seed, seq.index)) & (2**63 - 1)
             gen = self.seq_generators[seq.seq_id] = torch.Generator(device=self.device).manual_seed(seed)
         return gen
+
+
+def _plain_greedy(seq: Sequence) -> bool:
+    """Greedy, with nothing that changes the logits first (penalties, stop tokens held back) or reads them."""
+    p = seq.params
+    return (
+        p.greedy
+        and p.logprobs is None
+        and p.repetition_penalty == 1
+        and p.presence_penalty == 0
+        and p.frequency_penalty == 0
+        and seq.num_output_tokens >= p.min_tokens
+    )
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -138,6 +138,27 @@ def sweep(args) -> None:
         print(f"best {model} T={num_tokens} ({rows:g} rows/expert): {best[0]:.1f} us (table {table:.1f}) {best[1]}")
 
 
+def stages(inputs, config: tm.MoeConfig) -> dict:
+    """Where the time goes: each stage of `tm.fused_moe` timed alone, and the share of its GEMM rows that are
+    tile padding (each expert's group is rounded up to BLOCK_M rows; those rows are multiplied too)."""
+    x, w13, w2, weights, ids = inputs
+    num_experts, top_k = w13.shape[0], ids.shape[1]
+    inter, hidden = w2.shape[2], w2.shape[1]
+    flat_weights = weights.flatten().float()
+    aligned = tm.triton_align(ids, num_experts, config.block_m)
+    h = torch.empty(aligned[0].numel(), inter, dtype=x.dtype, device=DEVICE)
+    out = torch.empty(ids.numel(), hidden, dtype=x.dtype, device=DEVICE)
+    padded = int(aligned[2].item())
+    gemm = partial(tm._launch_gemm, weights=flat_weights, tiles=aligned, top_k=top_k, config=config)
+    return dict(
+        align_us=bench_us(partial(tm.triton_align, ids, num_experts, config.block_m)),
+        gate_up_us=bench_us(partial(gemm, x, w13, h, gate_up=True, tile=config.gate_up)),
+        down_us=bench_us(partial(gemm, h, w2, out, gate_up=False, tile=config.down)),
+        combine_us=bench_us(lambda: out.view(-1, top_k, hidden).sum(dim=1)),
+        padding_share=1 - ids.numel() / padded,
+    )
+
+
 def device_tag(name: str) -> str:
     for tag in ("h200", "h100", "a100", "l40s"):
         if tag in name.lower():
@@ -176,7 +197,7 @@ def main() -> None:
             dict(
                 model=model, tokens=num_tokens, experts=num_experts, top_k=top_k, hidden=hidden, intermediate=inter,
                 experts_hit=ids.unique().numel(), ours_us=ours, grouped_mm_us=grouped, loop_us=loop,
-                speedup_vs_grouped_mm=grouped / ours, config=repr(config),
+                speedup_vs_grouped_mm=grouped / ours, config=repr(config), stages=stages(inputs, config),
             )
         )  # fmt: skip
     # Measured again after the timings: a floor uses the best rate reached.
@@ -197,6 +218,9 @@ def main() -> None:
             f"{r['ours_us']:8.1f} {r['grouped_mm_us']:9.1f} {r['loop_us']:9.1f} {r['ratio_to_floor']:10.2f} "
             f"{r['grouped_mm_ratio_to_floor']:9.2f} {r['speedup_vs_grouped_mm']:8.2f}"
         )
+    print("\nwhere the time goes (each stage alone, us; padding: share of GEMM rows that are tile padding)")
+    for r in rows:
+        print(f"{r['model']:14} {r['tokens']:5} " + " ".join(f"{k} {v:.3g}" for k, v in r["stages"].items()))
     result = {
         "benchmark": "MoE experts (gate_up, SiLU*up, down, routing weights, sum over k), bf16",
         "date": datetime.date.today().isoformat(),
