@@ -125,9 +125,10 @@ def setup(batch: int, prompt_len: int, output_len: int) -> tuple[Engine, list[li
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 512) for _ in range(prompt_len)] for _ in range(batch)]
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    blocks = batch * -(-(prompt_len + output_len) // 16) + 16
-    engine = Engine(str(directory), load_format="dummy", max_num_seqs=batch, max_model_len=4096,
-                    num_kv_blocks=blocks, stat_loggers=[])  # fmt: skip
+    blocks_per_seq = -(-(prompt_len + output_len) // 16)
+    # One sequence's longest fits (max_model_len at most the cache), and every sequence at once.
+    engine = Engine(str(directory), load_format="dummy", max_num_seqs=batch, max_model_len=16 * blocks_per_seq,
+                    num_kv_blocks=batch * blocks_per_seq + 16, stat_loggers=[])  # fmt: skip
     stub_forward(engine)
     return engine, prompts, params
 
