@@ -44,6 +44,8 @@ from miniengine.server.protocol import (
 )
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat runs to the context's end
+# json.dumps(x, ensure_ascii=False), less the new JSONEncoder that dumps builds on every call with an argument
+_to_json = json.JSONEncoder(ensure_ascii=False).encode
 
 
 @dataclass(eq=False)
@@ -219,10 +221,10 @@ class Job:
             assert text.endswith(', "choices": []}')
             self._head = "data: " + text[: -len("[]}")]
         if usage is not None:
-            tail = f', "usage": {json.dumps(usage.model_dump(mode="json"), ensure_ascii=False)}}}\n\n'
+            tail = f', "usage": {_to_json(usage.model_dump(mode="json"))}}}\n\n'
         else:
             tail = ', "usage": null}\n\n' if self.include_usage else "}\n\n"
-        return self._head + json.dumps(choices, ensure_ascii=False) + tail
+        return self._head + _to_json(choices) + tail
 
     def usage(self) -> Usage:
         finals = [out for out in self.latest if out is not None]
