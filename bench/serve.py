@@ -39,8 +39,10 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from urllib.parse import SplitResult, urlsplit
 
 import httpx
+import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -76,25 +78,57 @@ def workload(args: argparse.Namespace, vocab_size: int, seed: int) -> list[tuple
 # ---- the online client -------------------------------------------------------------------------------------
 
 
-async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int) -> dict:
-    body = {
-        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-        "stream": True, "stream_options": {"include_usage": True},
-    }  # fmt: skip
+async def one_request(url: SplitResult, model: str, prompt: list[int], max_tokens: int) -> dict:
+    """One streaming completion over a connection of its own, read by hand (HTTP/1.1, chunked): an HTTP library
+    costs the client more CPU per event than the server spends writing it, and the client must not be the
+    limit. Events that arrive in one read share its arrival time."""
+    body = json.dumps(
+        {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }  # fmt: skip
+    ).encode()
+    head = (
+        f"POST {url.path.rstrip('/')}/completions HTTP/1.1\r\nHost: {url.netloc}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
     start = time.perf_counter()
     chunks: list[float] = []
-    output_tokens = 0
-    async with client.stream("POST", "/completions", json=body) as response:
-        if response.status_code != 200:
-            return {"error": f"{response.status_code}: {(await response.aread()).decode()[:200]}"}
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            data = json.loads(line[6:])
-            if data.get("choices"):
-                chunks.append(time.perf_counter())
-            if data.get("usage"):
-                output_tokens = data["usage"]["completion_tokens"]
+    output_tokens, done = 0, False
+    reader, writer = await asyncio.open_connection(url.hostname, url.port or 80)
+    try:
+        writer.write(head.encode() + body)
+        headers = await reader.readuntil(b"\r\n\r\n")
+        status = int(headers.split(b" ", 2)[1])
+        if status != 200 or b"transfer-encoding: chunked" not in headers.lower():
+            return {"error": f"{status}: {(await reader.read()).decode(errors='replace')[:200]}"}
+        framed, events = b"", b""  # bytes read but not yet unframed; event text not yet split into events
+        while not done and (data := await reader.read(1 << 16)):
+            now = time.perf_counter()
+            framed += data
+            while (eol := framed.find(b"\r\n")) >= 0:  # the chunks of the chunked body
+                size = int(framed[:eol], 16)
+                if len(framed) < eol + size + 4:
+                    break
+                events += framed[eol + 2 : eol + 2 + size]
+                framed = framed[eol + size + 4 :]
+                done = done or size == 0
+            *complete, events = events.split(b"\n\n")
+            for event in complete:
+                if not event.startswith(b"data: ") or event == b"data: [DONE]":
+                    continue
+                chunk = json.loads(event[6:])
+                if chunk.get("choices"):
+                    chunks.append(now)
+                if chunk.get("usage"):
+                    output_tokens = chunk["usage"]["completion_tokens"]
+    finally:
+        writer.close()
     if not chunks:
         return {"error": "no chunk"}
     return {
@@ -102,6 +136,7 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], 
         "itl": [b - a for a, b in zip(chunks, chunks[1:])],
         "latency": chunks[-1] - start,
         "output_tokens": output_tokens,
+        "chunks": len(chunks),
     }
 
 
@@ -113,28 +148,30 @@ async def send_jobs(
     concurrency: int | None,
     seed: int,
     barrier=None,
-) -> tuple[list[dict], float, float]:
-    """Send `jobs` (Poisson arrivals at `rate`, at most `concurrency` in flight); (results, start, end) in
-    wall-clock seconds. With `barrier`, wait there first: the other client processes start at the same time."""
+) -> tuple[list[dict], float, float, float]:
+    """Send `jobs` (Poisson arrivals at `rate`, at most `concurrency` in flight); (results, start, end, cpu):
+    wall-clock seconds and this process's CPU seconds meanwhile. With `barrier`, wait there first: the other
+    client processes start at the same time."""
     rng = random.Random(seed)
-    limits = httpx.Limits(max_connections=concurrency or len(jobs) + 8, max_keepalive_connections=None)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=httpx.Timeout(None)) as client:
-        gate = asyncio.Semaphore(concurrency or len(jobs))
+    url = urlsplit(base_url)
+    if url.scheme != "http":
+        raise ValueError(f"--base-url {base_url}: the benchmark's client speaks plain http only")
+    gate = asyncio.Semaphore(concurrency or len(jobs))
 
-        async def limited(prompt: list[int], max_tokens: int) -> dict:
-            async with gate:
-                return await one_request(client, model, prompt, max_tokens)
+    async def limited(prompt: list[int], max_tokens: int) -> dict:
+        async with gate:
+            return await one_request(url, model, prompt, max_tokens)
 
-        if barrier is not None:
-            await asyncio.to_thread(barrier.wait)
-        tasks = []
-        start = time.time()
-        for prompt, max_tokens in jobs:
-            tasks.append(asyncio.create_task(limited(prompt, max_tokens)))
-            if rate != float("inf"):
-                await asyncio.sleep(rng.expovariate(rate))
-        results = await asyncio.gather(*tasks)
-        return results, start, time.time()
+    if barrier is not None:
+        await asyncio.to_thread(barrier.wait)
+    tasks = []
+    start, cpu = time.time(), time.process_time()
+    for prompt, max_tokens in jobs:
+        tasks.append(asyncio.create_task(limited(prompt, max_tokens)))
+        if rate != float("inf"):
+            await asyncio.sleep(rng.expovariate(rate))
+    results = await asyncio.gather(*tasks)
+    return results, start, time.time(), time.process_time() - cpu
 
 
 _barrier = None  # a client process's start line, shared with the others (set by the pool's initializer)
@@ -145,21 +182,29 @@ def _set_barrier(barrier) -> None:
     _barrier = barrier
 
 
-def _client_process(*job_args) -> tuple[list[dict], float, float]:
+def _client_process(*job_args) -> tuple[list[dict], float, float, float]:
     return asyncio.run(send_jobs(*job_args, barrier=_barrier))
 
 
 def run_online(
-    base_url: str, model: str, jobs: list[tuple[list[int], int]], warm_up: list[tuple[list[int], int]], args
+    base_url: str,
+    model: str,
+    jobs: list[tuple[list[int], int]],
+    warm_up: list[tuple[list[int], int]],
+    args,
+    server_pid: int | None = None,
 ) -> dict:
     """The timed run after an untimed warm-up. One Python client parses about ten thousand SSE events a second
     at most: `--client-processes N` splits the requests (and the rate, and the concurrency) over N processes,
-    so a fast server is not measured at the client's pace."""
+    so a fast server is not measured at the client's pace. With `server_pid` (a server started here), the row
+    has each process's CPU time per output token: the server's (HTTP, one asyncio thread), its engine
+    process's (and any workers'), the clients' (summed), and how busy each was (CPU seconds per second)."""
     asyncio.run(send_jobs(base_url, model, warm_up, float("inf"), None, args.seed))
     n = max(1, min(args.client_processes, len(jobs)))
     concurrency = -(-args.max_concurrency // n) if args.max_concurrency else None
+    server_cpu = _process_cpu(server_pid) if server_pid else None
     if n == 1:
-        results, start, end = asyncio.run(send_jobs(base_url, model, jobs, args.request_rate, concurrency, args.seed))
+        outs = [asyncio.run(send_jobs(base_url, model, jobs, args.request_rate, concurrency, args.seed))]
     else:
         context = multiprocessing.get_context("spawn")
         barrier = context.Barrier(n)
@@ -171,11 +216,14 @@ def run_online(
                 for i in range(n)
             ]
             outs = [part.result() for part in parts]
-        results = [r for out, _, _ in outs for r in out]
-        start, end = min(s for _, s, _ in outs), max(e for _, _, e in outs)
+    server_cpu = {k: v - server_cpu[k] for k, v in _process_cpu(server_pid).items()} if server_pid else {}
+    results = [r for out, _, _, _ in outs for r in out]
+    start, end = min(s for _, s, _, _ in outs), max(e for _, _, e, _ in outs)
     errors = [r["error"] for r in results if "error" in r]
     done = [r for r in results if "error" not in r]
     row = _row(end - start, len(done), sum(r["output_tokens"] for r in done), sum(len(p) for p, _ in jobs))
+    cpu = {**server_cpu, "clients": sum(c for _, _, _, c in outs)}
+    tokens = max(1, row["output_tokens"])
     row.update(
         client_processes=n,
         failed=len(errors),
@@ -183,8 +231,33 @@ def run_online(
         ttft_ms=_percentiles([1e3 * r["ttft"] for r in done]),
         itl_ms=_percentiles([1e3 * x for r in done for x in r["itl"]]),
         latency_ms=_percentiles([1e3 * r["latency"] for r in done]),
+        # A stream that falls behind gets several tokens in one chunk: the CPU per token depends on how many
+        # chunks the server wrote for them.
+        chunks_per_token=sum(r["chunks"] for r in done) / tokens,
+        cpu_us_per_token={name: 1e6 * seconds / tokens for name, seconds in cpu.items()},
+        cpu_busy={name: seconds / row["duration_s"] for name, seconds in server_cpu.items()},
+        client_cpu_busy_max=max(c / (e - s) for _, s, e, c in outs),
     )
     return row
+
+
+def _process_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of the server process and of its child processes (the engine
+    process, with any workers of its own)."""
+    server = psutil.Process(pid)
+    children = server.children(recursive=True)
+
+    def seconds(process: psutil.Process) -> float:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            return 0.0
+        return times.user + times.system
+
+    figures = {"server": seconds(server)}
+    if children:
+        figures["engine"] = sum(seconds(child) for child in children)
+    return figures
 
 
 # ---- the server, started here ------------------------------------------------------------------------------
@@ -288,6 +361,15 @@ def print_table(result: dict) -> None:
             f"{name:8} {row['request_throughput']:7.2f} {row['output_tokens_per_s']:10.1f} {fmt(ttft):>22} "
             f"{fmt(itl):>21} {row.get('ratio_to_floor', float('nan')):8.1f}"
         )
+    for name, row in result["rows"].items():
+        if "cpu_us_per_token" in row:
+            busy = {**row["cpu_busy"], "clients": row["client_cpu_busy_max"]}
+            print(
+                f"{name}: CPU us per output token "
+                + ", ".join(f"{k} {v:.1f} ({busy[k]:.0%} busy)" for k, v in row["cpu_us_per_token"].items())
+                + f" (clients: {row['client_processes']}, the busiest's share)"
+                + f"; {row['chunks_per_token']:.2f} chunks/token"
+            )
     for row in ("server", "thread"):
         if f"{row}_over_offline" in result:
             print(f"{row} / offline output tokens/s: {result[f'{row}_over_offline']:.3f}")
@@ -347,7 +429,7 @@ def main() -> None:
             server = Server(args.model, _as_flags(options), log, engine_process=mode == "process")
             try:
                 row = "server" if mode == "process" else "thread"
-                rows[row] = run_online(server.base_url, server.model, jobs, warm_up, args)
+                rows[row] = run_online(server.base_url, server.model, jobs, warm_up, args, server.proc.pid)
             finally:
                 server.stop()
     spec = peak = None

@@ -25,7 +25,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from miniengine.engine import Engine, Prompt
@@ -50,9 +50,12 @@ class RequestStream:
     _owner: AsyncEngine
     _loop: asyncio.AbstractEventLoop
     key: int  # names this stream to the engine loop
-    _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     request_id: str | None = None  # set once the engine took the request
     finished: bool = False
+    # The newest output not yet read (or the error that ends the stream): a consumer that fell behind gets only
+    # this one, which says it all. One slot and one future, not a queue: the cheapest hand-over per output.
+    _latest: RequestOutput | BaseException | None = None
+    _waiter: asyncio.Future | None = None
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -60,12 +63,17 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
-        item = await self._queue.get()
-        while not self._queue.empty():  # fell behind: the newest output says it all
-            item = self._queue.get_nowait()
+        if self._latest is None:
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item, self._latest = self._latest, None
         if isinstance(item, BaseException):
             self.finished = True
             raise item
+        assert item is not None  # the waiter is woken only once an item is in place
         self.finished = item.finished
         return item
 
@@ -73,6 +81,15 @@ class RequestStream:
         if not self.finished:
             self.finished = True
             self._owner._submit(AbortStream(self.key), quiet=True)
+
+    def _put(self, item: RequestOutput | BaseException) -> None:
+        """On the stream's event loop: `item` replaces any output not yet read, and wakes the reader."""
+        self._latest = item
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+_Items = list[tuple[RequestStream, RequestOutput | BaseException]]  # what one wake-up hands to one event loop
 
 
 class _Thread:
@@ -220,7 +237,7 @@ class AsyncEngine:
                 stream.request_id = result
                 self._streams[result] = stream
                 added.set_result(result)
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, object]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, _Items] = {}
         for out in report.outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:  # its caller gave up before its add was taken: nobody reads this
@@ -238,14 +255,14 @@ class AsyncEngine:
         for _, added in adding.values():
             if added.set_running_or_notify_cancel():
                 added.set_exception(error)
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, object]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, _Items] = {}
         for stream in self._streams.values():
             by_loop.setdefault(stream._loop, []).append((stream, error))
         self._streams.clear()
         self._post(by_loop)
 
     @staticmethod
-    def _post(by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, object]]]) -> None:
+    def _post(by_loop: dict[asyncio.AbstractEventLoop, _Items]) -> None:
         """Hand items to their streams: one wake-up per event loop per step, not one per output."""
         for loop, items in by_loop.items():
             try:
@@ -254,6 +271,6 @@ class AsyncEngine:
                 pass
 
 
-def _put_all(items: list[tuple[RequestStream, object]]) -> None:
+def _put_all(items: _Items) -> None:
     for stream, item in items:
-        stream._queue.put_nowait(item)
+        stream._put(item)

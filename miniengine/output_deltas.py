@@ -4,10 +4,10 @@ A `RequestOutput` holds its request's whole state so far (all the text, every to
 sending one per request per step costs O(length) each time and O(length^2) over a request. The engine
 process sends what changed instead, and the front end rebuilds the very same outputs:
 
-    engine process                                               front end
+    engine process                                                front end
     RequestOutput(text "The cat sat", ids [1,2,3])
-      -> DeltaEncoder -> OutputDelta(samples=[(0, 7, " sat", [3])])  ->  DeltaDecoder: text[:7] + " sat",
-                                                                          ids + [3] -> RequestOutput(...)
+      -> DeltaEncoder -> (request id, [(0, 7, " sat", [3], ...)], ...)  ->  DeltaDecoder: text[:7] + " sat",
+                                                                           ids + [3] -> RequestOutput(...)
 
 A request's first delta also carries its prompt. A sample's text only grows while it runs (stop strings
 are held back until they are ruled out), so `text_start` is normally the length sent so far; were the
@@ -17,27 +17,17 @@ lists of its own, as the engine's do: a consumer may keep an old one while newer
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from miniengine.outputs import CompletionOutput, RequestOutput
 
-
-class SampleDelta(NamedTuple):
-    index: int
-    text_start: int  # the text from this character on is `text`
-    text: str
-    token_ids: list[int]  # new token ids
-    logprobs: list[dict[int, float]] | None  # their logprobs, if the request asked for them
-    finish_reason: str | None
-    stop_reason: str | int | None
-
-
-class OutputDelta(NamedTuple):
-    request_id: str
-    samples: list[SampleDelta]
-    finished: bool
-    num_cached_tokens: int
-    prompt: tuple[str | None, list[int]] | None  # (text, token ids): in a request's first delta only
+# The wire format is plain tuples: pickle rebuilds those in C, where a NamedTuple would cost a call to its
+# Python-level __new__ for every request and every sample of every step.
+#   OutputDelta = (request_id, samples, finished, num_cached_tokens, prompt)
+#     prompt: (text, token ids), in a request's first delta only; else None
+#   SampleDelta = (index, text_start, text, token_ids, logprobs, finish_reason, stop_reason)
+#     the text from character `text_start` on is `text`; token_ids (and their logprobs, if the request asked
+#     for them) are the new ones only
+SampleDelta = tuple[int, int, str, list[int], list[dict[int, float]] | None, str | None, str | int | None]
+OutputDelta = tuple[str, list[SampleDelta], bool, int, tuple[str | None, list[int]] | None]
 
 
 class DeltaEncoder:
@@ -57,21 +47,13 @@ class DeltaEncoder:
             start = len(text) if c.text.startswith(text) else 0
             new_logprobs = None if c.logprobs is None else c.logprobs[num_tokens:]
             samples.append(
-                SampleDelta(
-                    c.index,
-                    start,
-                    c.text[start:],
-                    c.token_ids[num_tokens:],
-                    new_logprobs,
-                    c.finish_reason,
-                    c.stop_reason,
-                )  # fmt: skip
+                (c.index, start, c.text[start:], c.token_ids[num_tokens:], new_logprobs, c.finish_reason, c.stop_reason)
             )
             now.append((c.text, len(c.token_ids)))
         if not out.finished:
             self._sent[out.request_id] = now
         prompt = (out.prompt, out.prompt_token_ids) if first else None
-        return OutputDelta(out.request_id, samples, out.finished, out.num_cached_tokens, prompt)
+        return (out.request_id, samples, out.finished, out.num_cached_tokens, prompt)
 
 
 class _Sample:
@@ -92,23 +74,27 @@ class DeltaDecoder:
         return [self._decode(delta) for delta in deltas]
 
     def _decode(self, delta: OutputDelta) -> RequestOutput:
-        if delta.prompt is not None:
-            samples = [_Sample(s.logprobs is not None) for s in delta.samples]
-            self._requests[delta.request_id] = (*delta.prompt, samples)
-        prompt, prompt_token_ids, samples = self._requests[delta.request_id]
+        request_id, deltas, finished, num_cached_tokens, first = delta
+        if first is not None:
+            self._requests[request_id] = (*first, [_Sample(d[4] is not None) for d in deltas])
+        prompt, prompt_token_ids, samples = self._requests[request_id]
         outputs = []
-        for d, sample in zip(delta.samples, samples):
-            sample.text = sample.text[: d.text_start] + d.text
-            sample.token_ids += d.token_ids
-            if d.logprobs is not None and sample.logprobs is not None:
-                sample.logprobs += d.logprobs
-            sample.finish_reason, sample.stop_reason = d.finish_reason, d.stop_reason
-            logprobs = None if sample.logprobs is None else list(sample.logprobs)
+        for (index, text_start, text, token_ids, logprobs, finish_reason, stop_reason), sample in zip(deltas, samples):
+            sample.text = sample.text[:text_start] + text
+            sample.token_ids += token_ids
+            if logprobs is not None and sample.logprobs is not None:
+                sample.logprobs += logprobs
+            sample.finish_reason, sample.stop_reason = finish_reason, stop_reason
             outputs.append(
-                CompletionOutput(d.index, sample.text, list(sample.token_ids), d.finish_reason, logprobs, d.stop_reason)
+                CompletionOutput(
+                    index,
+                    sample.text,
+                    sample.token_ids.copy(),
+                    finish_reason,
+                    None if sample.logprobs is None else sample.logprobs.copy(),
+                    stop_reason,
+                )  # fmt: skip
             )
-        if delta.finished:
-            del self._requests[delta.request_id]
-        return RequestOutput(
-            delta.request_id, prompt, prompt_token_ids, outputs, delta.finished, delta.num_cached_tokens
-        )
+        if finished:
+            del self._requests[request_id]
+        return RequestOutput(request_id, prompt, prompt_token_ids, outputs, finished, num_cached_tokens)

@@ -29,7 +29,6 @@ from miniengine.server.errors import APIError
 from miniengine.server.protocol import (
     AssistantMessage,
     ChatChoice,
-    ChatChunkChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -39,13 +38,14 @@ from miniengine.server.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    Delta,
     TokenLogprob,
     TopLogprob,
     Usage,
 )
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat runs to the context's end
+# json.dumps(x, ensure_ascii=False), less the new JSONEncoder that dumps builds on every call with an argument
+_to_json = json.JSONEncoder(ensure_ascii=False).encode
 
 
 @dataclass(eq=False)
@@ -62,6 +62,7 @@ class Job:
     created: int = field(default_factory=lambda: int(time.time()))
     latest: list[RequestOutput | None] = field(default_factory=list)  # the newest output of each prompt
     streams: list[RequestStream] = field(default_factory=list)
+    _head: str | None = None  # the start of every event of the stream, up to its choices
 
     def __post_init__(self) -> None:
         self.id = self.id or f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -166,37 +167,33 @@ class Job:
         sent_chars, sent_tokens, done = [0] * num_choices, [0] * num_choices, [False] * num_choices
         try:
             if self.chat:
-                first = [
-                    ChatChunkChoice(index=k, delta=Delta(role="assistant", content="")) for k in range(num_choices)
-                ]
+                first = [_choice(k, "delta", {"role": "assistant", "content": ""}) for k in range(num_choices)]
                 yield self._chunk(first)
             async for i, out in self.outputs():
                 choices = []
                 for c in out.outputs:
                     k = self._index(i, c)
-                    text, new_tokens = c.text[sent_chars[k] :], c.token_ids[sent_tokens[k] :]
+                    text = c.text[sent_chars[k] :]
+                    num_tokens = len(c.token_ids)
+                    new_tokens = num_tokens > sent_tokens[k]
                     if done[k] or not (text or c.finished or (new_tokens and self.top_logprobs is not None)):
                         continue
-                    new_logprobs = c.logprobs[sent_tokens[k] :] if c.logprobs is not None else None
-                    if self.chat:
-                        choice = ChatChunkChoice(
-                            index=k,
-                            delta=Delta(content=text),
-                            logprobs=self._chat_logprobs(new_tokens, new_logprobs),
-                            finish_reason=c.finish_reason,  # type: ignore[arg-type]
-                            stop_reason=c.stop_reason,
+                    logprobs = None
+                    if self.top_logprobs is not None and c.logprobs is not None:
+                        ids, values = c.token_ids[sent_tokens[k] :], c.logprobs[sent_tokens[k] :]
+                        found = (
+                            self._chat_logprobs(ids, values)
+                            if self.chat
+                            else self._completion_logprobs(ids, values, sent_chars[k])
                         )
+                        logprobs = found.model_dump(mode="json") if found is not None else None
+                    if self.chat:
+                        choice = _choice(k, "delta", {"content": text}, logprobs, c.finish_reason, c.stop_reason)
                     else:
                         prefix = self.echo[i] if self.echo and sent_chars[k] == sent_tokens[k] == 0 else ""
-                        choice = CompletionChoice(
-                            index=k,
-                            text=prefix + text,
-                            logprobs=self._completion_logprobs(new_tokens, new_logprobs, sent_chars[k]),
-                            finish_reason=c.finish_reason,  # type: ignore[arg-type]
-                            stop_reason=c.stop_reason,
-                        )
+                        choice = _choice(k, "text", prefix + text, logprobs, c.finish_reason, c.stop_reason)
                     choices.append(choice)
-                    sent_chars[k], sent_tokens[k], done[k] = len(c.text), len(c.token_ids), c.finished
+                    sent_chars[k], sent_tokens[k], done[k] = len(c.text), num_tokens, c.finished
                 if choices:
                     yield self._chunk(choices)
             if self.include_usage:
@@ -212,16 +209,22 @@ class Job:
     def _index(self, prompt_index: int, c: CompletionOutput) -> int:
         return prompt_index * self.params.n + c.index
 
-    def _chunk(self, choices: list, usage: Usage | None = None) -> str:
-        kind = ChatCompletionChunk if self.chat else CompletionResponse
-        chunk = kind(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
-        data = chunk.model_dump(mode="json")
-        if usage is None and not self.include_usage:
-            del data["usage"]
-        for choice in data["choices"]:  # a delta says only what it carries
-            if "delta" in choice:
-                choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
-        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+    def _chunk(self, choices: list[dict], usage: Usage | None = None) -> str:
+        """One event: a ChatCompletionChunk (chat) or CompletionResponse, as its pydantic model would write it
+        (a chat delta lists only what it carries; `usage` only where the client asked for it). A stream sends
+        one of these per output of every request: plain dicts and one json.dumps, no model per chunk."""
+        if self._head is None:
+            kind = ChatCompletionChunk if self.chat else CompletionResponse
+            empty = kind(id=self.id, created=self.created, model=self.model, choices=[]).model_dump(mode="json")
+            del empty["usage"]
+            text = json.dumps(empty, ensure_ascii=False)
+            assert text.endswith(', "choices": []}')
+            self._head = "data: " + text[: -len("[]}")]
+        if usage is not None:
+            tail = f', "usage": {_to_json(usage.model_dump(mode="json"))}}}\n\n'
+        else:
+            tail = ', "usage": null}\n\n' if self.include_usage else "}\n\n"
+        return self._head + _to_json(choices) + tail
 
     def usage(self) -> Usage:
         finals = [out for out in self.latest if out is not None]
@@ -277,6 +280,25 @@ class Job:
             for t, lp in zip(token_ids, logprobs)
         ]
         return ChoiceLogprobs(content=content)
+
+
+def _choice(
+    index: int,
+    name: str,
+    value: str | dict,
+    logprobs: dict | None = None,
+    finish_reason: str | None = None,
+    stop_reason: str | int | None = None,
+) -> dict:
+    """A streamed choice as a dict: `name` is "text" (a completion) or "delta" (chat), in the fields' order
+    of CompletionChoice and ChatChunkChoice."""
+    return {
+        "index": index,
+        name: value,
+        "logprobs": logprobs,
+        "finish_reason": finish_reason,
+        "stop_reason": stop_reason,
+    }
 
 
 # ---- requests -> jobs ------------------------------------------------------------------------------------------

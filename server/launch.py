@@ -18,7 +18,7 @@ from typing import Any
 import uvicorn
 
 from miniengine import AsyncEngine, Engine
-from miniengine.engine_process import EngineProcess
+from miniengine.engine_process import EngineProcess, settle_gc
 from miniengine.server.app import build_app, served_model_name
 from miniengine.server.config import ServerConfig
 from miniengine.server.metrics import PrometheusStatLogger
@@ -73,6 +73,7 @@ def serve(model: str | None, config: ServerConfig, engine_options: dict[str, Any
         log_level="info",
     )
     server = _Server(uvicorn_config, async_engine, name)
+    settle_gc()
     try:
         server.run()
     finally:

@@ -84,9 +84,9 @@ def test_deltas_rebuild_every_output_exactly(in_process):
     while in_process.has_unfinished():
         outputs = in_process.step()
         deltas = encoder.encode(outputs)
-        for delta in deltas:
-            if delta.prompt is None:
-                assert all(len(s.token_ids) <= 1 for s in delta.samples)
+        for _, samples, _, _, prompt in deltas:
+            if prompt is None:
+                assert all(len(token_ids) <= 1 for _, _, _, token_ids, *_ in samples)
         assert decoder.decode(pickle.loads(pickle.dumps(deltas))) == outputs
         steps += 1
         if steps == 4:
