@@ -104,6 +104,21 @@ def model_dir(name: str, directory: Path, **overrides) -> Path:
     return directory
 
 
+def word_tokenizer(directory: Path) -> Path:
+    """Give a preset's directory a tokenizer (one word per id, "w0".."wN", words joined by spaces), so that
+    served completions stream text as a real model's would: with no tokenizer there is no text to stream
+    until each request ends (what `bench/serve.py` must not measure)."""
+    import tokenizers
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    vocab_size = json.loads((directory / "config.json").read_text())["vocab_size"]
+    tokenizer = tokenizers.Tokenizer(WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = WhitespaceSplit()
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return directory
+
+
 def hf_config(name: str, **overrides):
     from transformers import AutoConfig
 
