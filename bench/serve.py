@@ -16,7 +16,8 @@ same workload through the offline `Engine.generate`, so the cost of serving over
 
 Engine flags (--device, --dtype, --max-num-seqs, ...) are `miniengine serve`'s, given to both the server and the
 offline engine. Writes bench/results/serve-<device>-<date>.json: device, command, versions, settings, one row
-per mode (request throughput, output tokens/s, TTFT / ITL / latency percentiles, ratio to the roofline floor)
+per mode (request throughput, output tokens/s, TTFT / ITL / latency percentiles, ratio to the roofline floor,
+CPU microseconds per output token of the server, its engine process and the clients)
 and `server_over_offline`, the fraction of offline output tokens/s the server keeps (`thread_over_offline` too,
 with the thread mode).
 """
