@@ -112,7 +112,7 @@ def paged_attention_sdpa(
     if plan is None:
         plan = metadata.backend_state["sdpa"] = _plan(metadata, query.shape[0], block_size, query.device)
     if isinstance(plan, DecodePlan):
-        return paged_decode_attention(query, k_cache, v_cache, plan.block_tables, plan.seq_lens, scale)
+        return _planned_decode_attention(query, k_cache, v_cache, plan, scale)
     out = torch.empty_like(query)
     for tokens, valid, tables, mask, key_ok in plan:
         q = query[tokens].transpose(1, 2)  # [B, H, max_q, D]
@@ -125,15 +125,34 @@ def paged_attention_sdpa(
 
 
 class DecodePlan(NamedTuple):
-    block_tables: torch.Tensor  # [B, blocks of the longest sequence]
-    seq_lens: torch.Tensor  # [B]
+    rows: torch.Tensor  # [B * blocks of the longest sequence]: the cache blocks to gather, table by table
+    key_ok: torch.Tensor  # [B, 1, 1, keys]: the gathered keys below each sequence's length
+    pad_rows: torch.Tensor  # the others' indices in the gathered [B * keys] rows
+
+
+def _planned_decode_attention(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: DecodePlan, scale: float
+) -> torch.Tensor:
+    """`paged_decode_attention` with the step's index tensors made once for every layer (`_plan`): the
+    slots past each sequence's length are zeroed by their row indices, a few per sequence, instead of a
+    `where` over every gathered value (half the attention's time on the CPU at 32 sequences)."""
+    batch, keys = plan.key_ok.shape[0], plan.key_ok.shape[-1]
+    k, v = (cache.index_select(0, plan.rows).view(batch * keys, -1) for cache in (k_cache, v_cache))
+    k.index_fill_(0, plan.pad_rows, 0.0)
+    v.index_fill_(0, plan.pad_rows, 0.0)
+    k, v = (t.view(batch, keys, *k_cache.shape[2:]).transpose(1, 2) for t in (k, v))
+    out = F.scaled_dot_product_attention(query[:, :, None], k, v, attn_mask=plan.key_ok, scale=scale, enable_gqa=True)
+    return out[:, :, 0]
 
 
 def _plan(metadata: PagedMetadata, num_tokens: int, block_size: int, device: torch.device) -> DecodePlan | list:
     seq_lens = metadata.seq_lens_host
     if num_tokens == len(seq_lens):  # every sequence has one new token: a decode step
         blocks = -(-max(seq_lens) // block_size)
-        return DecodePlan(metadata.block_tables[:, :blocks], torch.tensor(seq_lens, device=device))
+        lengths = torch.tensor(seq_lens, device=device)
+        key_ok = torch.arange(blocks * block_size, device=device) < lengths[:, None]
+        rows = metadata.block_tables[:, :blocks].flatten()
+        return DecodePlan(rows, key_ok[:, None, None], torch.nonzero(~key_ok.flatten()).flatten())
     return _plan_groups(metadata, block_size, device)
 
 
