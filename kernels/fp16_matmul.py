@@ -40,6 +40,8 @@ class Fp16Weight:
 
 def fp16_matmul(x: torch.Tensor, w: Fp16Weight) -> torch.Tensor:
     """x [T, K] @ W.T -> [T, N] in x's dtype; fbgemm takes float32 activations."""
+    if x.dtype == torch.float32:
+        return torch.ops.quantized.linear_dynamic_fp16(x, w.packed)
     return torch.ops.quantized.linear_dynamic_fp16(x.float(), w.packed).to(x.dtype)
 
 

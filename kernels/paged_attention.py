@@ -126,8 +126,9 @@ def paged_attention_sdpa(
 
 class DecodePlan(NamedTuple):
     rows: torch.Tensor  # [B * blocks of the longest sequence]: the cache blocks to gather, table by table
-    key_ok: torch.Tensor  # [B, 1, 1, keys]: the gathered keys below each sequence's length
-    pad_rows: torch.Tensor  # the others' indices in the gathered [B * keys] rows
+    keys: int  # the longest sequence's length: gathered keys past it are dropped
+    key_ok: torch.Tensor | None  # [B, 1, 1, keys]: the keys below each sequence's length; None: all are
+    pad_rows: torch.Tensor | None  # the other keys' indices in the gathered [B * keys] rows
 
 
 def _planned_decode_attention(
@@ -135,24 +136,30 @@ def _planned_decode_attention(
 ) -> torch.Tensor:
     """`paged_decode_attention` with the step's index tensors made once for every layer (`_plan`): the
     slots past each sequence's length are zeroed by their row indices, a few per sequence, instead of a
-    `where` over every gathered value (half the attention's time on the CPU at 32 sequences)."""
-    batch, keys = plan.key_ok.shape[0], plan.key_ok.shape[-1]
-    k, v = (cache.index_select(0, plan.rows).view(batch * keys, -1) for cache in (k_cache, v_cache))
-    k.index_fill_(0, plan.pad_rows, 0.0)
-    v.index_fill_(0, plan.pad_rows, 0.0)
-    k, v = (t.view(batch, keys, *k_cache.shape[2:]).transpose(1, 2) for t in (k, v))
-    out = F.scaled_dot_product_attention(query[:, :, None], k, v, attn_mask=plan.key_ok, scale=scale, enable_gqa=True)
+    `where` over every gathered value (half the attention's time on the CPU at 32 sequences); sequences of
+    one length (one sequence alone) need neither that nor a mask."""
+    batch, heads = query.shape[0], k_cache.shape[2:]
+    k, v = (cache.index_select(0, plan.rows).view(batch, -1, *heads)[:, : plan.keys] for cache in (k_cache, v_cache))
+    if plan.pad_rows is not None:
+        k, v = k.flatten(0, 1), v.flatten(0, 1)  # copies (the slice above is strided), then zero the padding
+        k.index_fill_(0, plan.pad_rows, 0.0)
+        v.index_fill_(0, plan.pad_rows, 0.0)
+        k, v = k.view(batch, plan.keys, *heads), v.view(batch, plan.keys, *heads)
+    out = F.scaled_dot_product_attention(
+        query[:, :, None], k.transpose(1, 2), v.transpose(1, 2), attn_mask=plan.key_ok, scale=scale, enable_gqa=True
+    )  # fmt: skip
     return out[:, :, 0]
 
 
 def _plan(metadata: PagedMetadata, num_tokens: int, block_size: int, device: torch.device) -> DecodePlan | list:
     seq_lens = metadata.seq_lens_host
     if num_tokens == len(seq_lens):  # every sequence has one new token: a decode step
-        blocks = -(-max(seq_lens) // block_size)
-        lengths = torch.tensor(seq_lens, device=device)
-        key_ok = torch.arange(blocks * block_size, device=device) < lengths[:, None]
-        rows = metadata.block_tables[:, :blocks].flatten()
-        return DecodePlan(rows, key_ok[:, None, None], torch.nonzero(~key_ok.flatten()).flatten())
+        keys = max(seq_lens)
+        rows = metadata.block_tables[:, : -(-keys // block_size)].flatten()
+        if min(seq_lens) == keys:
+            return DecodePlan(rows, keys, None, None)
+        key_ok = torch.arange(keys, device=device) < torch.tensor(seq_lens, device=device)[:, None]
+        return DecodePlan(rows, keys, key_ok[:, None, None], torch.nonzero(~key_ok.flatten()).flatten())
     return _plan_groups(metadata, block_size, device)
 
 
