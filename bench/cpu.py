@@ -8,8 +8,9 @@ Two workloads on the bundled SmolLM2-135M-Instruct GGUF (Q4_1), greedy, exactly 
 Reported for each engine: output tokens/s (prefill included) and decode figures (ms per decode step, decode
 tokens/s); `ratio_to_llama_cpp` is miniengine's decode tokens/s over llama.cpp's. miniengine runs at each
 `--threads` count (torch.set_num_threads), float32 (what the CPU platform picks on a CPU without native bf16),
-with decode steps of up to `int4_max_rows` sequences through the GGUF's own 4-bit weights where the platform
-keeps them (models/quantized.py; `MINIENGINE_CPU_INT4=0` in the environment measures without them);
+with steps of up to `packed_max_rows` rows through the packed copy of the weights the platform keeps
+(models/quantized.py: fp16 for fbgemm, or the GGUF's own 4 bits; `MINIENGINE_CPU_FP16=0` and
+`MINIENGINE_CPU_INT4=0` in the environment measure without them);
 `--baseline DIR` also runs another checkout's miniengine (a directory holding its `miniengine` package, e.g.
 the commit before a change) in a subprocess, for before/after figures from the same run. transformers runs the
 same token ids in float32 (all prompts in one left-padded generate call).
@@ -91,10 +92,10 @@ def miniengine_figures(threads: int, max_tokens: int) -> dict:
     timer = StepTimes(engine)
     ids = chat_token_ids(engine, PROMPTS)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    int4 = [getattr(m, "int4", None) for m in engine.runner.model.modules()]
-    int4_max_rows = max((w.max_rows for w in int4 if w is not None), default=0)
-    out: dict = {"threads": threads, "dtype": str(engine.dtype).removeprefix("torch."), "int4_max_rows": int4_max_rows,
-                 "load_s": load_s}  # fmt: skip
+    packed = [w for m in engine.runner.model.modules() if (w := getattr(m, "packed_weight", None)) is not None]
+    out: dict = {"threads": threads, "dtype": str(engine.dtype).removeprefix("torch."), "load_s": load_s,
+                 "packed_weights": sorted({type(w).__name__ for w in packed}),
+                 "packed_max_rows": max((w.max_rows for w in packed), default=0)}  # fmt: skip
     for name, n in WORKLOADS.items():
         engine.generate(ids[:n], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
         engine.reset_prefix_cache()

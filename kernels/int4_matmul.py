@@ -16,7 +16,7 @@ laid side by side along K and multiplied by the input repeated twice: one kernel
 
 A dense fp32 matmul reads 4 bytes per weight; this one about 0.6: at a decode step's few rows (which read
 every weight to use it once) that is what counts. At many rows the dense GEMM's arithmetic wins, so callers
-keep both and choose by the number of rows.
+keep both and choose by the number of rows (models/quantized.py).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class Int4Rows:
 class Int4Weight:
     """One [N, K'] weight for the kernel: `packed` (uint8 [N, K'/2], the kernel's layout), `scales_zeros`
     (bf16 [K'/32, N, 2]), the input's `repeat` (Int4Rows), and `max_rows`: steps of more rows than this
-    use the layer's dense weight instead (`int4_or_dense_linear`)."""
+    use the layer's dense weight instead (models/quantized.py, `packed_or_dense_linear`)."""
 
     packed: torch.Tensor
     scales_zeros: torch.Tensor
@@ -92,6 +92,9 @@ class Int4Weight:
     @property
     def nbytes(self) -> int:
         return self.packed.nbytes + self.scales_zeros.nbytes
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return int4_matmul(x, self)
 
 
 def int4_matmul(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
@@ -109,18 +112,6 @@ def int4_matmul_reference(x: torch.Tensor, rows: Int4Rows) -> torch.Tensor:
     w = (rows.q.float() - 8) * scale + zero
     xb = x.to(torch.bfloat16).float().repeat(1, rows.repeat)
     return (xb @ w.t()).to(torch.bfloat16).to(x.dtype)
-
-
-def int4_or_dense_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, int4: Int4Weight | None
-) -> torch.Tensor:
-    """A linear layer holding both copies: the 4-bit one for steps of at most `int4.max_rows` rows (decode
-    of a few sequences, where reading the weights is the cost), the dense one above (prefill: the GEMM's
-    arithmetic is)."""
-    if int4 is None or x.dim() != 2 or x.shape[0] > int4.max_rows:
-        return torch.nn.functional.linear(x, weight, bias)
-    y = int4_matmul(x, int4)
-    return y if bias is None else y + bias
 
 
 def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from miniengine.models.parallel import SINGLE, TensorParallel, building, load_param
-from miniengine.models.quantized import attach_int4
+from miniengine.models.quantized import attach_fp16, attach_int4
 from miniengine.registry import ModelRegistry
 from miniengine.tokenizer import Tokenizer
 
@@ -192,12 +192,14 @@ def load_model(
         missing = {name for name, _ in model.named_parameters()} - loaded
         if missing:
             raise ValueError(f"{checkpoint.path} lacks weights for {sorted(missing)[:5]} ({len(missing)} in all)")
-        if load_format == "auto" and checkpoint.int4_weights is not None and device.type == "cpu" and tp.size == 1:
-            from miniengine.platforms.cpu import int4_max_rows
+        if load_format == "auto" and device.type == "cpu" and tp.size == 1:
+            from miniengine.platforms.cpu import packed_weights
 
-            max_rows = int4_max_rows()
-            if max_rows:
-                attach_int4(model, checkpoint.int4_weights(), max_rows)
+            choice = packed_weights(dtype, checkpoint.int4_weights is not None)
+            if choice and choice[0] == "fp16":
+                attach_fp16(model, choice[1])
+            elif choice:
+                attach_int4(model, checkpoint.int4_weights(), choice[1])
     return model.eval()
 
 

@@ -15,8 +15,8 @@ A layer takes the `TensorParallel` in force while the model is built (`building(
 construction: loader.py), so model classes keep their one-argument constructor. At size 1 every layer is
 the plain layer it extends and no collective ever runs.
 
-On the CPU a linear layer may also hold its checkpoint's 4-bit copy (`int4`, models/quantized.py), which
-steps of few rows multiply by.
+On the CPU a linear layer may also hold a second copy of its weight packed for a faster kernel (fp16, or
+the checkpoint's own 4 bits: `packed_weight`, models/quantized.py), which steps of few rows multiply by.
 
 Loading: each split parameter carries `full_shape` and `weight_loader(param, tensor, shard=None)`, which
 takes the *full* checkpoint tensor, or a lazy one (loader.py: narrowing it reads only the rank's bytes), and
@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from miniengine.kernels.int4_matmul import Int4Weight, int4_or_dense_linear
+from miniengine.models.quantized import PackedWeight, packed_or_dense_linear
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +144,7 @@ class ColumnParallelLinear(nn.Linear):
     """y = x W^T with W's output rows split across ranks. Several stacked projections (`output_sizes`:
     gate|up) are split one by one, so each rank holds its part of each, stacked the same way."""
 
-    int4: Int4Weight | None = None  # the checkpoint's 4-bit copy of `weight` (models/quantized.py)
+    packed_weight: PackedWeight | None = None  # a CPU kernel's copy of `weight` (models/quantized.py)
 
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool) -> None:
         self.tp = current_tp()
@@ -180,7 +180,7 @@ class ColumnParallelLinear(nn.Linear):
         self.weight_loader(param, loaded, shard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int4_or_dense_linear(x, self.weight, self.bias, self.int4)
+        return packed_or_dense_linear(x, self.weight, self.bias, self.packed_weight)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -208,7 +208,7 @@ class RowParallelLinear(nn.Linear):
     output), each rank's product is a partial sum, and the all-reduce here adds them. The bias is added
     once, after the reduce."""
 
-    int4: Int4Weight | None = None
+    packed_weight: PackedWeight | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         self.tp = current_tp()
@@ -225,7 +225,7 @@ class RowParallelLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return int4_or_dense_linear(x, self.weight, self.bias, self.int4)
+            return packed_or_dense_linear(x, self.weight, self.bias, self.packed_weight)
         out = self.tp.all_reduce(F.linear(x, self.weight))
         return out if self.bias is None else out + self.bias
 
@@ -262,8 +262,8 @@ class ParallelLMHead(VocabParallelEmbedding):
     """The output projection over the vocabulary, split as the embedding is (so the two may be tied):
     `forward` returns the full logits on rank 0, None on the other ranks."""
 
-    int4: Int4Weight | None = None
+    packed_weight: PackedWeight | None = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        logits = self.tp.gather_last_dim(int4_or_dense_linear(hidden, self.weight, None, self.int4))
+        logits = self.tp.gather_last_dim(packed_or_dense_linear(hidden, self.weight, None, self.packed_weight))
         return logits if logits is None or self.tp.size == 1 else logits[..., : self.vocab_size]

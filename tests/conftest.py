@@ -13,8 +13,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Parity tests compare float32 runs with transformers' float32; a CPU with native bf16 would default to bf16.
 os.environ.setdefault("MINIENGINE_CPU_DTYPE", "float32")
-# ... and with the dense weights only: the int4 decode path (models/quantized.py) is checked against them.
+# ... and with the dense weights only: the packed decode paths (models/quantized.py) are checked against them.
 os.environ.setdefault("MINIENGINE_CPU_INT4", "0")
+os.environ.setdefault("MINIENGINE_CPU_FP16", "0")
 
 from miniengine.gguf_loader import bundled_smollm2_path  # noqa: E402
 
@@ -35,3 +36,38 @@ def hf_smollm2(smollm2_path):
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm2_packed_runs(smollm2_path):
+    """The same greedy requests through SmolLM2 with float32 weights only ("dense"), and with each packed copy
+    of the weights forced on ("int4", "fp16"; models/quantized.py), as the CPU platform would choose where it
+    pays. Each run: (layers holding a packed copy, the outputs with top-2 logprobs, a chat answer)."""
+    from miniengine import Engine, SamplingParams
+    from miniengine.platforms import cpu
+
+    prompts = [
+        "The capital of France is",
+        "def fibonacci(n):",
+        "Once upon a time, in a small village by the sea, there lived",
+        "Water boils at",
+    ]
+    params = SamplingParams(temperature=0, max_tokens=32, logprobs=2, ignore_eos=True)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    flags = {
+        "dense": {},
+        "int4": {"MINIENGINE_CPU_INT4": cpu.INT4_MAX_ROWS},
+        "fp16": {"MINIENGINE_CPU_FP16": cpu.FP16_MAX_ROWS},
+    }
+    runs = {}
+    for kind, env in flags.items():
+        with pytest.MonkeyPatch.context() as patch:
+            for flag, rows in env.items():
+                patch.setenv(flag, str(rows))
+            load_format = "dense" if kind == "dense" else "auto"
+            engine = Engine(smollm2_path, load_format=load_format, max_model_len=256, num_kv_blocks=64, stat_loggers=[])
+            modules = engine.runner.model.modules()
+            layers = [type(m.packed_weight).__name__ for m in modules if getattr(m, "packed_weight", None) is not None]
+            answer = engine.chat(question, SamplingParams(temperature=0, max_tokens=32)).outputs[0].text
+            runs[kind] = (len(layers), engine.generate(prompts, params, use_tqdm=False), answer, set(layers))
+    return runs

@@ -69,7 +69,7 @@ def test_layer_uses_int4_only_for_few_rows():
     weights = random_rows(96, 128)
     scale, zero = (v.repeat_interleave(32, dim=1) for v in (weights.scale, weights.zero))
     layer.weight.data.copy_((weights.q.float() - 8) * scale + zero)
-    layer.int4 = Int4Weight.pack(weights, max_rows=4)
+    layer.packed_weight = Int4Weight.pack(weights, max_rows=4)
     few, many = torch.randn(4, 128), torch.randn(5, 128)
     torch.testing.assert_close(layer(few), int4_matmul_reference(few, weights), rtol=2**-7, atol=1e-3)
     assert torch.equal(layer(many), many @ layer.weight.t())
@@ -90,40 +90,15 @@ def test_max_rows_choice(monkeypatch):
         cpu.int4_max_rows()
 
 
-@pytest.fixture(scope="module")
-def smollm2_runs(smollm2_path):
-    """The same greedy requests through SmolLM2 twice: float32 weights only, and with the 4-bit copies
-    (forced on, as the platform would choose on a CPU where they pay)."""
-    from miniengine import Engine, SamplingParams
-
-    prompts = [
-        "The capital of France is",
-        "def fibonacci(n):",
-        "Once upon a time, in a small village by the sea, there lived",
-        "Water boils at",
-    ]
-    params = SamplingParams(temperature=0, max_tokens=32, logprobs=2, ignore_eos=True)
-    question = [{"role": "user", "content": "What is the capital of France?"}]
-    runs = {}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MINIENGINE_CPU_INT4", str(cpu.INT4_MAX_ROWS))
-        for load_format in ("dense", "auto"):
-            engine = Engine(smollm2_path, load_format=load_format, max_model_len=256, num_kv_blocks=64, stat_loggers=[])
-            layers = sum(getattr(m, "int4", None) is not None for m in engine.runner.model.modules())
-            answer = engine.chat(question, SamplingParams(temperature=0, max_tokens=32)).outputs[0].text
-            runs[load_format] = (layers, engine.generate(prompts, params, use_tqdm=False), answer)
-    return runs
-
-
 @pytest.mark.slow
-def test_smollm2_int4_agrees_with_float32(smollm2_runs):
+def test_smollm2_int4_agrees_with_float32(smollm2_packed_runs):
     """Greedy tokens through the 4-bit path equal float32's until the two first differ, and they differ only
     where float32's top-2 margin is within the 4-bit path's error: its bf16 and scale roundings move a
     token's logprob by up to ~0.11 on these prompts, so a margin under 0.25 is a near-tie either may break."""
-    assert smollm2_runs["dense"][0] == 0
-    assert smollm2_runs["auto"][0] == 30 * 4 + 1  # qkv, o, gate_up, down of 30 layers; the tied LM head (Q8_0)
+    assert smollm2_packed_runs["dense"][0] == 0
+    assert smollm2_packed_runs["int4"][0] == 30 * 4 + 1  # qkv, o, gate_up, down of 30 layers; the tied LM head (Q8_0)
     compared = 0
-    for fp32, four_bit in zip(smollm2_runs["dense"][1], smollm2_runs["auto"][1]):
+    for fp32, four_bit in zip(smollm2_packed_runs["dense"][1], smollm2_packed_runs["int4"][1]):
         tokens, other = fp32.outputs[0].token_ids, four_bit.outputs[0].token_ids
         for step, (token, top) in enumerate(zip(tokens, fp32.outputs[0].logprobs)):
             if other[step] != token:
@@ -135,5 +110,5 @@ def test_smollm2_int4_agrees_with_float32(smollm2_runs):
 
 
 @pytest.mark.slow
-def test_smollm2_int4_answers_paris(smollm2_runs):
-    assert "Paris" in smollm2_runs["auto"][2]
+def test_smollm2_int4_answers_paris(smollm2_packed_runs):
+    assert "Paris" in smollm2_packed_runs["int4"][2]

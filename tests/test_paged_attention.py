@@ -28,6 +28,7 @@ def dense_attention(q, k, v, scale):
 # (context already cached, new tokens this step): decodes, a fresh prefill, a later chunk
 MIXED = [(0, 7), (12, 1), (37, 1), (5, 9), (0, 1), (50, 20), (3, 1)]
 DECODES = [(12, 1), (37, 1), (0, 1), (3, 1), (15, 1), (16, 1)]
+EQUAL_DECODES = [(20, 1), (20, 1), (20, 1)]  # no sequence shorter than the longest: no mask (one sequence alone)
 
 
 def make_batch(seed, block_size, num_heads=8, num_kv_heads=2, head_dim=16, shapes=MIXED, fill=None):
@@ -80,7 +81,7 @@ def test_paged_attention_equals_dense(block_size, attend, group_limit, monkeypat
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("shapes", [MIXED, DECODES], ids=["mixed", "decodes"])
+@pytest.mark.parametrize("shapes", [MIXED, DECODES, EQUAL_DECODES, [(29, 1)]], ids=["mixed", "decodes", "equal", "one"])
 @pytest.mark.parametrize("block_size", [4, 16])
 def test_unwritten_cache_slots_are_never_read(shapes, block_size):
     """The cache is allocated without zero-filling: NaN in every slot no token wrote (block tables are padded

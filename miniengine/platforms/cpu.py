@@ -5,10 +5,12 @@ What pays on a CPU is chosen here, measured rather than assumed:
   /proc/cpuinfo) and a bf16 matmul of a decode step's shape then beats float32 on this machine; float32
   elsewhere (an AVX2-only CPU converts bf16 in software: slower than float32, at lower precision).
   `dtype=` overrides it, and so does `MINIENGINE_CPU_DTYPE` (the test suite pins float32 with it).
-- 4-bit decode steps: a GGUF's Q4_0 / Q4_1 / Q8_0 matrices are also kept packed for torch's CPU int4
-  kernel (models/quantized.py), and steps of at most `INT4_MAX_ROWS` rows multiply by them, where the kernel
-  exists and one row through it beats float32 here. `load_format="dense"` (--load-format dense) keeps the
-  dequantized weights only; `MINIENGINE_CPU_INT4` overrides the choice: 0 off, N on for steps of <= N rows.
+- a packed copy of the weights for steps of few rows (models/quantized.py, `packed_weights`): fp16 for
+  fbgemm's GEMM (steps of at most `FP16_MAX_ROWS` rows) where it exists and one row through it beats
+  float32 here; else a GGUF's own Q4_0 / Q4_1 / Q8_0 matrices for torch's int4 kernel (`INT4_MAX_ROWS`),
+  where that beats float32. fp16 goes first: on the AVX2 EPYC it ties int4 at one row and beats it from 8
+  rows on (bench/README.md). `load_format="dense"` (--load-format dense) keeps the float32 weights only;
+  `MINIENGINE_CPU_FP16` and `MINIENGINE_CPU_INT4` override the choice: 0 off, N on for steps of <= N rows.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from miniengine.config import EngineConfig
 from miniengine.forward_context import Kernels
 from miniengine.kernels import moe
+from miniengine.kernels.fp16_matmul import Fp16Weight, fp16_kernel_available, fp16_matmul
 from miniengine.kernels.int4_matmul import Int4Rows, Int4Weight, int4_kernel_available, int4_matmul
 from miniengine.kernels.paged_attention import paged_attention_sdpa, store_kv
 from miniengine.platforms.interface import Platform
@@ -31,6 +34,9 @@ DEFAULT_KV_CACHE_GIB = 4.0
 # Steps of at most this many rows multiply by the 4-bit copy. On the 2-core AVX2 EPYC (SmolLM2's 30 layers,
 # weights from DRAM, bench/README.md) int4 takes 0.3x float32's time at 1 row, about 0.6x at 8, ~1x at 24.
 INT4_MAX_ROWS = 16
+# fp16 through fbgemm, float32 weights: at 1 thread 0.55x float32's time at 1 row, 0.65x at 32, 0.8x at 64,
+# ~0.9x at 128 (the LM head's 49152 rows already lose there), ~1x at 512.
+FP16_MAX_ROWS = 64
 
 
 class CpuPlatform(Platform):
@@ -101,14 +107,58 @@ def bf16_matmul_pays() -> bool:
     return _fastest(matmul(torch.bfloat16), 20, 5) < _fastest(matmul(torch.float32), 20, 5)
 
 
+def packed_weights(dtype: torch.dtype, has_int4: bool) -> tuple[str, int] | None:
+    """Which packed copy the linear layers keep ("fp16" or "int4"; `has_int4`: the checkpoint has 4-bit
+    matrices), and for steps of up to how many rows; None: the dense weights only. A flag that forces one
+    on wins over the measured choice."""
+    fp16 = fp16_max_rows() if dtype == torch.float32 else 0
+    int4 = int4_max_rows() if has_int4 else 0
+    if int4 and _forced("MINIENGINE_CPU_INT4") and not _forced("MINIENGINE_CPU_FP16"):
+        return "int4", int4
+    if fp16:
+        return "fp16", fp16
+    return ("int4", int4) if int4 else None
+
+
+def fp16_max_rows() -> int:
+    """Steps of at most this many rows multiply by fp16 copies of the float32 weights; 0: keep none."""
+    forced = _forced("MINIENGINE_CPU_FP16")
+    if forced is not None:
+        return forced if fp16_kernel_available() else 0
+    return FP16_MAX_ROWS if fp16_matmul_pays() else 0
+
+
 def int4_max_rows() -> int:
     """Steps of at most this many rows multiply by a GGUF's 4-bit weights; 0: keep no 4-bit copy."""
-    forced = os.environ.get("MINIENGINE_CPU_INT4")
-    if forced:
-        if not forced.isdigit():
-            raise ValueError(f"MINIENGINE_CPU_INT4={forced!r} is not a number of rows (0: off)")
-        return int(forced) if int4_kernel_available() else 0
+    forced = _forced("MINIENGINE_CPU_INT4")
+    if forced is not None:
+        return forced if int4_kernel_available() else 0
     return INT4_MAX_ROWS if int4_matmul_pays() else 0
+
+
+def _forced(flag: str) -> int | None:
+    """A flag's number of rows (0: off), or None when it is not set."""
+    value = os.environ.get(flag)
+    if not value:
+        return None
+    if not value.isdigit():
+        raise ValueError(f"{flag}={value!r} is not a number of rows (0: off)")
+    return int(value)
+
+
+@functools.cache
+def fp16_matmul_pays() -> bool:
+    """Some 40 ms, once per process: torch has fbgemm's fp16 GEMM, and one row through 12 weights of
+    SmolLM2's MLP shape (1536 x 576, read from memory as a decode step reads them) is faster through their
+    fp16 copies than through float32 here."""
+    if not fp16_kernel_available():
+        return False
+    dense = [torch.ones(1536, 576) for _ in range(12)]
+    copies = [Fp16Weight.pack(w) for w in dense]
+    x = torch.ones(1, 576)
+
+    fp16 = _fastest(lambda: [fp16_matmul(x, w) for w in copies], 4, 1)
+    return fp16 < _fastest(lambda: [torch.nn.functional.linear(x, w) for w in dense], 4, 1)
 
 
 @functools.cache

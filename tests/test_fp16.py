@@ -1,0 +1,83 @@
+"""The CPU's fp16 decode path (kernels/fp16_matmul.py, models/quantized.py): fbgemm's fp16 GEMM equals its
+plain-torch reference on random inputs, the layers choose by the number of rows, the platform's flags
+choose between the packed copies, and SmolLM2 through fp16 weights picks float32's greedy tokens wherever
+float32's choice is clear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from miniengine.kernels.fp16_matmul import Fp16Weight, fp16_kernel_available, fp16_matmul, fp16_matmul_reference
+from miniengine.platforms import cpu
+
+pytestmark = pytest.mark.skipif(not fp16_kernel_available(), reason="this torch has no fbgemm fp16 GEMM")
+
+
+@pytest.mark.parametrize(("n", "k", "rows"), [(64, 128, 1), (96, 64, 5), (960, 576, 32), (49, 70, 3)])
+def test_kernel_equals_reference(n, k, rows):
+    g = torch.Generator().manual_seed(n + k)
+    weight, x = torch.randn(n, k, generator=g) * 0.05, torch.randn(rows, k, generator=g)
+    got, want = fp16_matmul(x, Fp16Weight.pack(weight)), fp16_matmul_reference(x, weight)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # both float32 sums of the same products
+    assert (want - x @ weight.t()).norm() / want.norm() < 2e-3  # the weight's fp16 rounding: ~2^-12 relative
+
+
+def test_layer_uses_fp16_only_for_few_rows():
+    from miniengine.models.parallel import RowParallelLinear
+
+    layer = RowParallelLinear(128, 96, bias=True)
+    torch.nn.init.normal_(layer.bias)
+    layer.packed_weight = Fp16Weight.pack(layer.weight, max_rows=4)
+    few, many = torch.randn(4, 128), torch.randn(5, 128)
+    want = fp16_matmul_reference(few, layer.weight) + layer.bias
+    torch.testing.assert_close(layer(few), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer(many), torch.nn.functional.linear(many, layer.weight, layer.bias))
+
+
+def test_packed_weights_choice(monkeypatch):
+    monkeypatch.setattr(cpu, "fp16_matmul_pays", lambda: True)
+    monkeypatch.setattr(cpu, "int4_matmul_pays", lambda: True)
+    monkeypatch.delenv("MINIENGINE_CPU_FP16")
+    monkeypatch.delenv("MINIENGINE_CPU_INT4")
+    assert cpu.packed_weights(torch.float32, has_int4=True) == ("fp16", cpu.FP16_MAX_ROWS)
+    assert cpu.packed_weights(torch.bfloat16, has_int4=True)[0] == "int4"  # fbgemm takes float32 only
+    assert cpu.packed_weights(torch.bfloat16, has_int4=False) is None
+    monkeypatch.setenv("MINIENGINE_CPU_INT4", "8")  # forcing int4 on wins over the measured fp16
+    assert cpu.packed_weights(torch.float32, has_int4=True) == ("int4", 8)
+    monkeypatch.setenv("MINIENGINE_CPU_FP16", "0")
+    monkeypatch.setenv("MINIENGINE_CPU_INT4", "0")
+    assert cpu.packed_weights(torch.float32, has_int4=True) is None
+    monkeypatch.setenv("MINIENGINE_CPU_FP16", "32")
+    assert cpu.packed_weights(torch.float32, has_int4=False) == ("fp16", 32)
+    monkeypatch.delenv("MINIENGINE_CPU_FP16")
+    monkeypatch.setattr(cpu, "fp16_matmul_pays", lambda: False)
+    assert cpu.packed_weights(torch.float32, has_int4=False) is None
+    monkeypatch.setenv("MINIENGINE_CPU_FP16", "many")
+    with pytest.raises(ValueError, match="MINIENGINE_CPU_FP16"):
+        cpu.packed_weights(torch.float32, has_int4=False)
+
+
+@pytest.mark.slow
+def test_smollm2_fp16_agrees_with_float32(smollm2_packed_runs):
+    """Greedy tokens through fp16 weights equal float32's until the two first differ, and they differ only
+    at a near-tie of float32's top two; while they agree, the chosen token's logprob moves by little (the
+    weights' fp16 rounding is ~2^-12 relative; the arithmetic stays float32)."""
+    layers, outputs, _, kinds = smollm2_packed_runs["fp16"]
+    assert layers == 30 * 4 + 1 and kinds == {"Fp16Weight"}  # qkv, o, gate_up, down of 30 layers; the LM head
+    compared = 0
+    for fp32, fp16 in zip(smollm2_packed_runs["dense"][1], outputs):
+        tokens, other = fp32.outputs[0].token_ids, fp16.outputs[0].token_ids
+        for step, (token, top) in enumerate(zip(tokens, fp32.outputs[0].logprobs)):
+            if other[step] != token:
+                first, second = sorted(top.values(), reverse=True)[:2]
+                assert first - second < 0.05, (fp32.prompt, step, first - second)
+                break
+            assert abs(top[token] - fp16.outputs[0].logprobs[step][token]) < 0.02, (fp32.prompt, step)
+            compared += 1
+    assert compared >= 100  # nearly every token of the 4 x 32 agrees
+
+
+@pytest.mark.slow
+def test_smollm2_fp16_answers_paris(smollm2_packed_runs):
+    assert "Paris" in smollm2_packed_runs["fp16"][2]
