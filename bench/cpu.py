@@ -92,7 +92,8 @@ def miniengine_figures(threads: int, max_tokens: int) -> dict:
     timer = StepTimes(engine)
     ids = chat_token_ids(engine, PROMPTS)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    packed = [w for m in engine.runner.model.modules() if (w := getattr(m, "packed_weight", None)) is not None]
+    modules = engine.runner.model.modules()  # a baseline's layers may call their copy `int4` (before fp16)
+    packed = [w for m in modules if (w := getattr(m, "packed_weight", None) or getattr(m, "int4", None)) is not None]
     out: dict = {"threads": threads, "dtype": str(engine.dtype).removeprefix("torch."), "load_s": load_s,
                  "packed_weights": sorted({type(w).__name__ for w in packed}),
                  "packed_max_rows": max((w.max_rows for w in packed), default=0)}  # fmt: skip

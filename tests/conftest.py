@@ -43,7 +43,7 @@ def smollm2_packed_runs(smollm2_path):
     """The same greedy requests through SmolLM2 with float32 weights only ("dense"), and with each packed copy
     of the weights forced on ("int4", "fp16"; models/quantized.py), as the CPU platform would choose where it
     pays. Each run: (layers holding a packed copy, the outputs with top-2 logprobs, a chat answer)."""
-    from miniengine import Engine, SamplingParams
+    from miniengine import SamplingParams
     from miniengine.platforms import cpu
 
     prompts = [
@@ -59,13 +59,26 @@ def smollm2_packed_runs(smollm2_path):
         "int4": {"MINIENGINE_CPU_INT4": cpu.INT4_MAX_ROWS},
         "fp16": {"MINIENGINE_CPU_FP16": cpu.FP16_MAX_ROWS},
     }
+    # One thread: these runs compare paths, not speeds, and on a shared 2-core machine two threads can make a
+    # step 20x slower (each op waits for a descheduled thread: bench/README.md).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _packed_runs(smollm2_path, flags, prompts, params, question)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _packed_runs(path: str, flags: dict, prompts: list[str], params, question: list[dict]) -> dict:
+    from miniengine import Engine, SamplingParams
+
     runs = {}
     for kind, env in flags.items():
         with pytest.MonkeyPatch.context() as patch:
             for flag, rows in env.items():
                 patch.setenv(flag, str(rows))
             load_format = "dense" if kind == "dense" else "auto"
-            engine = Engine(smollm2_path, load_format=load_format, max_model_len=256, num_kv_blocks=64, stat_loggers=[])
+            engine = Engine(path, load_format=load_format, max_model_len=256, num_kv_blocks=64, stat_loggers=[])
             modules = engine.runner.model.modules()
             layers = [type(m.packed_weight).__name__ for m in modules if getattr(m, "packed_weight", None) is not None]
             answer = engine.chat(question, SamplingParams(temperature=0, max_tokens=32)).outputs[0].text

@@ -34,7 +34,7 @@ DEFAULT_KV_CACHE_GIB = 4.0
 # Steps of at most this many rows multiply by the 4-bit copy. On the 2-core AVX2 EPYC (SmolLM2's 30 layers,
 # weights from DRAM, bench/README.md) int4 takes 0.3x float32's time at 1 row, about 0.6x at 8, ~1x at 24.
 INT4_MAX_ROWS = 16
-# fp16 through fbgemm, float32 weights: at 1 thread 0.55x float32's time at 1 row, 0.65x at 32, 0.8x at 64,
+# fp16 through fbgemm, float32 weights: at 1 thread 0.54x float32's time at 1 row, 0.65x at 32, 0.75x at 64,
 # ~0.9x at 128 (the LM head's 49152 rows already lose there), ~1x at 512.
 FP16_MAX_ROWS = 64
 
@@ -148,9 +148,9 @@ def _forced(flag: str) -> int | None:
 
 @functools.cache
 def fp16_matmul_pays() -> bool:
-    """Some 40 ms, once per process: torch has fbgemm's fp16 GEMM, and one row through 12 weights of
-    SmolLM2's MLP shape (1536 x 576, read from memory as a decode step reads them) is faster through their
-    fp16 copies than through float32 here."""
+    """About 0.3 s (mostly packing), once per process: torch has fbgemm's fp16 GEMM, and one row through 12
+    weights of SmolLM2's MLP shape (1536 x 576, read from memory as a decode step reads them) is faster
+    through their fp16 copies than through float32 here."""
     if not fp16_kernel_available():
         return False
     dense = [torch.ones(1536, 576) for _ in range(12)]
