@@ -47,7 +47,7 @@ class AsyncScheduling:
     def step(self) -> tuple[ScheduledBatch, list[tuple[Sequence, SampleResult]]]:
         """Launch the next batch; returns it with the tokens of the one before (what the engine appends)."""
         self._settle()
-        if any(_penalised(seq) for seq, _ in self.waiting_ids):
+        if any(seq.params.penalised for seq, _ in self.waiting_ids):
             return ScheduledBatch(), self._read(self.launched)  # a step that only reads: the next has real tokens
         batch = self.scheduler.schedule()
         fed = self.launched if self.waiting_ids else None
@@ -79,8 +79,3 @@ class AsyncScheduling:
             sampled.append((seq, results[row]))
         self.waiting_ids = []
         return sampled
-
-
-def _penalised(seq: Sequence) -> bool:
-    p = seq.params
-    return p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0

@@ -107,12 +107,10 @@ class CudaGraphRunner:
         if event is not None:
             event.synchronize()  # that copy was queued two steps ago: long done
         packed = staging.numpy()[:length]
-        for i, part in enumerate((step.input_ids, step.positions, step.slot_mapping, step.seq_lens)):
+        parts = (step.input_ids, step.positions, step.slot_mapping, step.seq_lens)
+        for i, (part, pad) in enumerate(zip(parts, (0, 0, -1, 0))):
             packed[i * size : i * size + n] = part
-        packed[n:size] = 0
-        packed[size + n : 2 * size] = 0
-        packed[2 * size + n : 3 * size] = -1
-        packed[3 * size + n : 4 * size] = 0
+            packed[i * size + n : (i + 1) * size] = pad
         packed[4 * size : 4 * size + tables.size] = tables.ravel()
         packed[4 * size + tables.size :] = np.concatenate([step.fed_rows, step.fed_from])
         flat = staging[:length].to(self.runner.device, non_blocking=True)
@@ -121,7 +119,8 @@ class CudaGraphRunner:
         self.turn ^= 1
         self.inputs[:, :size].copy_(flat[: 4 * size].view(4, size))
         self.block_tables[:n, : tables.shape[1]].copy_(flat[4 * size : 4 * size + tables.size].view(tables.shape))
-        if num_fed == n and (step.fed_rows == step.fed_from).all() and step.fed_rows[-1] == n - 1:
+        # Every row fed (fed_rows is then 0..n-1: one decode row per sequence, in order), each from its own row.
+        if num_fed == n and (step.fed_rows == step.fed_from).all():
             self.input_ids[:n].copy_(fed_ids[:n])  # a steady batch: row i takes the id row i sampled
         elif num_fed:
             fed_rows, fed_from = flat[4 * size + tables.size :].view(2, num_fed)

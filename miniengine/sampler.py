@@ -98,7 +98,7 @@ class Sampler:
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         p = [s.params for s in seqs]
-        if all(x.repetition_penalty == 1 and x.presence_penalty == 0 and x.frequency_penalty == 0 for x in p):
+        if not any(x.penalised for x in p):
             return logits
         vocab, device = logits.shape[1], logits.device
 
@@ -168,14 +168,7 @@ class Sampler:
 def _plain_greedy(seq: Sequence) -> bool:
     """Greedy, with nothing that changes the logits first (penalties, stop tokens held back) or reads them."""
     p = seq.params
-    return (
-        p.greedy
-        and p.logprobs is None
-        and p.repetition_penalty == 1
-        and p.presence_penalty == 0
-        and p.frequency_penalty == 0
-        and seq.num_output_tokens >= p.min_tokens
-    )
+    return p.greedy and p.logprobs is None and not p.penalised and seq.num_output_tokens >= p.min_tokens
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

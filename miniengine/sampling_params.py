@@ -62,6 +62,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
 
+    @property
+    def penalised(self) -> bool:
+        """Whether a penalty changes the logits (sampling then reads every earlier token of the sequence)."""
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
 
 def _fail(name: str, value: object, rule: str) -> None:
     raise ValueError(f"SamplingParams.{name}={value!r} is invalid: it {rule}.")
