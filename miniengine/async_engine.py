@@ -8,12 +8,12 @@
 
 Callers never wait on a step: commands run between steps, so a request joins the very next batch. The
 thread shares this process's GIL with whatever else runs here (a busy HTTP server starves it); the
-engine process does not, and sends each step's outputs as deltas (output_deltas.py), rebuilt here into
-the same `RequestOutput`s. Each output goes to the stream of the request it names, and only there. An
-output is the request's whole state so far, so a consumer that falls behind simply receives the newest
-one. A consumer that stops listening (its task cancelled, a client gone) aborts its request, and its KV
-blocks return to the pool. If the loop dies (a step raised, the engine process was killed), every stream
-gets the error, and `error` says why (a server's /health turns 503).
+engine process does not, and sends each step's new token ids only, which its receiver thread here turns
+into the same `RequestOutput`s (text, stop strings: output_processor.py). Each output goes to the stream
+of the request it names, and only there. An output is the request's whole state so far, so a consumer
+that falls behind simply receives the newest one. A consumer that stops listening (its task cancelled, a
+client gone) aborts its request, and its KV blocks return to the pool. If the loop dies (a step raised,
+the engine process was killed), every stream gets the error, and `error` says why (/health turns 503).
 """
 
 from __future__ import annotations

@@ -2,14 +2,18 @@
 
     add_request(prompt, params) -> tokenize -> n Sequences -> scheduler's waiting queue
     step():  scheduler.schedule() -> runner.run(batch) -> scheduler.step_done(batch)
-             -> append each sampled token, detokenize, check stop ids / stop strings / max_tokens
-             -> free the blocks of finished sequences -> RequestOutputs of the requests that moved
+             -> append each sampled token, check stop ids / EOS / max_tokens, free finished sequences' blocks
+             -> a TokenDelta per request that moved (its new token ids: `step_deltas` ends here)
+             -> OutputProcessor: detokenize, stop strings (`finish_sample` ends those) -> RequestOutputs
 
 On a GPU the first line is `AsyncScheduling.step()` instead (async_scheduling.py): it launches this step's
 batch and returns the previous step's tokens, so the rest of the loop runs while the GPU computes.
 
 `runner` is a ModelRunner, or with `tensor_parallel_size` > 1 a TensorParallelExecutor (distributed.py) that
 runs the same step on every rank and returns rank 0's tokens: this loop is the same either way.
+
+The text work sits behind the deltas (output_processor.py), so an engine process can leave all of it to its
+front end (engine_process.py): per token, the loop itself touches no strings.
 
 `generate`, `chat` and `stream` are loops over `step` for programs that do not run their own. A step
 moves every request, so when such a loop meets outputs of requests it did not add (a host's
@@ -33,7 +37,8 @@ from miniengine.config import EngineConfig
 from miniengine.extra_inputs import extra_input_specs, prepare_extra_inputs
 from miniengine.loader import Checkpoint, load_model, open_checkpoint, resolve_dtype
 from miniengine.model_runner import ModelRunner
-from miniengine.outputs import CompletionOutput, RequestOutput, StreamDelta, TextState
+from miniengine.output_processor import OutputProcessor, SampleDelta, TokenDelta
+from miniengine.outputs import RequestOutput, StreamDelta
 from miniengine.platforms import resolve_platform
 from miniengine.plugins import load_general_plugins, load_stat_logger_plugins
 from miniengine.sampler import Sampler
@@ -41,7 +46,6 @@ from miniengine.sampling_params import SamplingParams
 from miniengine.scheduler import Scheduler
 from miniengine.sequence import Sequence
 from miniengine.stats import LoggingStatLogger, RequestStats, StatLogger, StepStats
-from miniengine.tokenizer import IncrementalDetokenizer
 
 if TYPE_CHECKING:
     from miniengine.distributed import TensorParallelExecutor
@@ -61,8 +65,12 @@ class _Request:
     prompt: str | None
     prompt_token_ids: list[int]
     seqs: list[Sequence]
-    texts: list[TextState]
+    params: SamplingParams
     aborted: bool = False
+    announced: bool = False  # a delta went out: the next ones need not carry the prompt
+    sent: list[int] = field(default_factory=list)  # per sample: output tokens in deltas so far
+    logprobs: list[list[dict[int, float]]] = field(default_factory=list)  # per sample: not yet in a delta
+    stop_reasons: list[int | None] = field(default_factory=list)  # per sample: the stop token id that ended it
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     last_token_times: list[float | None] = field(default_factory=list)  # one per sample
@@ -111,6 +119,7 @@ class Engine:
         self._request_ids = itertools.count()
         # Outputs a generate/stream loop met for requests it did not add, for the next step() to hand back.
         self._held: dict[str, RequestOutput] = {}
+        self._processor = OutputProcessor(self.tokenizer)
 
     def _executor(self, checkpoint: Checkpoint) -> ModelRunner | TensorParallelExecutor:
         """What runs the model: a ModelRunner in this process, or (tensor_parallel_size > 1) rank 0's
@@ -179,17 +188,11 @@ class Engine:
             seq = Sequence(next(self._seq_ids), request_id, list(ids), params, index, extra_inputs=extra)
             seq.first_sibling = seqs[0] if seqs else None
             seqs.append(seq)
-        texts = [
-            TextState(
-                IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) if self.tokenizer else None,
-                params.stop,
-                logprobs=[] if params.logprobs is not None else None,
-            )
-            for _ in seqs
-        ]
+        n = len(seqs)
         self._requests[request_id] = _Request(
-            request_id, text, list(ids), seqs, texts, last_token_times=[None] * len(seqs)
-        )
+            request_id, text, list(ids), seqs, params, sent=[0] * n, logprobs=[[] for _ in seqs],
+            stop_reasons=[None] * n, last_token_times=[None] * n,
+        )  # fmt: skip
         for seq in seqs:
             self.scheduler.add(seq)
         return request_id
@@ -233,6 +236,21 @@ class Engine:
             if not seq.is_finished:
                 self._finish(seq, "abort")
 
+    def finish_sample(self, request_id: str, index: int) -> bool:
+        """End sample `index` of a request with finish_reason "stop" (an output processor found one of its stop
+        strings) and free its blocks. True if that ended the request: the engine then forgets it without a
+        further delta, since the output processor gave its final output already."""
+        request = self._requests.get(request_id)
+        if request is None or request.aborted:
+            return False
+        seq = request.seqs[index]
+        if not seq.is_finished:
+            self._finish(seq, "stop")
+        if not all(s.is_finished for s in request.seqs):
+            return False
+        self._retire(request)
+        return True
+
     def reset_prefix_cache(self) -> None:
         """Forget cached prefixes no request is using: the next prompts are computed from scratch."""
         self.block_manager.reset_prefix_cache()
@@ -269,12 +287,33 @@ class Engine:
         self._requests.pop(request_id, None)
         self._aborted.discard(request_id)
         self._held.pop(request_id, None)
+        self._processor.forget(request_id)
+
+    def step_deltas(self) -> list[TokenDelta]:
+        """One scheduler step, reported as what is new per request (output_processor.py), for a front end that
+        runs its own OutputProcessor and calls `finish_sample` for each stop string it finds."""
+        start, counters = time.monotonic(), self._counters()
+        deltas, figures = self._advance()
+        self._record_stats(start, counters, *figures)
+        return deltas
 
     def _step(self, quiet: Set[str] = frozenset()) -> list[RequestOutput]:
         """One scheduler step; an output for each request that moved (those in `quiet`: only when finished)."""
-        start = time.monotonic()
-        counters = self.block_manager.hits, self.block_manager.queries, self.scheduler.num_preemptions
-        moved, self._aborted = self._aborted, set()  # aborted since the last step: their final outputs
+        start, counters = time.monotonic(), self._counters()
+        deltas, figures = self._advance()
+        outputs, stops = self._processor.process(deltas, quiet)
+        for request_id, index in stops:
+            self.finish_sample(request_id, index)
+        self._record_stats(start, counters, *figures)
+        return outputs
+
+    def _counters(self) -> tuple[int, int, int]:
+        return self.block_manager.hits, self.block_manager.queries, self.scheduler.num_preemptions
+
+    def _advance(self) -> tuple[list[TokenDelta], tuple]:
+        """Schedule, run and append one step's tokens; a delta for each request that moved, and the step's
+        figures for the stat loggers."""
+        moved, self._aborted = self._aborted, set()  # aborted since the last step: their final deltas
         if self.async_scheduling is not None:
             batch, sampled = self.async_scheduling.step()  # this batch runs on; the tokens are the last one's
         else:
@@ -292,17 +331,16 @@ class Engine:
             else:
                 itl.append(now - last)
             request.last_token_times[seq.index] = now
-            self._append(seq, result.token_id, result.logprobs)
+            self._append(request, seq, result.token_id, result.logprobs)
             moved.add(seq.request_id)
-        shown = [rid for rid in moved if rid not in quiet or all(s.is_finished for s in self._requests[rid].seqs)]
-        outputs = [self._output(self._requests[rid]) for rid in sorted(shown, key=self._order)]
-        if self.stat_loggers:
-            self._record_stats(start, counters, batch.num_prompt_tokens, len(sampled), ttft, itl, outputs)
-        return outputs
+        deltas = [self._delta(self._requests[rid]) for rid in sorted(moved, key=self._order)]
+        return deltas, (batch.num_prompt_tokens, len(sampled), ttft, itl)
 
-    def _record_stats(self, start, counters, num_prompt_tokens, num_sampled, ttft, itl, outputs) -> None:
-        bm, now = self.block_manager, time.monotonic()
+    def _record_stats(self, start, counters, num_prompt_tokens, num_sampled, ttft, itl) -> None:
         finished, self._finished = tuple(self._finished), []
+        if not self.stat_loggers:
+            return
+        bm, now = self.block_manager, time.monotonic()
         stats = StepStats(
             timestamp=now,
             step_time=now - start,
@@ -325,19 +363,15 @@ class Engine:
     def _order(self, request_id: str) -> int:
         return self._requests[request_id].seqs[0].seq_id
 
-    def _append(self, seq: Sequence, token_id: int, logprobs: dict[int, float] | None) -> None:
-        request = self._requests[seq.request_id]
-        text = request.texts[seq.index]
+    def _append(self, request: _Request, seq: Sequence, token_id: int, logprobs: dict[int, float] | None) -> None:
         seq.token_ids.append(token_id)
-        if logprobs is not None and text.logprobs is not None:
-            text.logprobs.append(logprobs)
+        if logprobs is not None and request.params.logprobs is not None:
+            request.logprobs[seq.index].append(logprobs)
         params = seq.params
         if token_id in params.stop_token_ids:
-            text.stop_reason = token_id
+            request.stop_reasons[seq.index] = token_id
             self._finish(seq, "stop")
         elif token_id in self.eos_token_ids and not params.ignore_eos:
-            self._finish(seq, "stop")
-        elif text.add_token(token_id, check_stop=seq.num_output_tokens >= params.min_tokens):
             self._finish(seq, "stop")
         elif seq.num_output_tokens == params.max_tokens or seq.num_tokens >= self.max_model_len:
             self._finish(seq, "length")
@@ -346,36 +380,42 @@ class Engine:
         self.scheduler.finish(seq, reason)
         self.sampler.forget(seq)
 
-    def _output(self, request: _Request) -> RequestOutput:
-        outputs = [
-            CompletionOutput(
-                seq.index,
-                text.visible_text(seq.is_finished),
-                seq.output_token_ids,
-                seq.finish_reason,
-                None if text.logprobs is None else list(text.logprobs),
-                text.stop_reason,
-            )
-            for seq, text in zip(request.seqs, request.texts)
-        ]
+    def _delta(self, request: _Request) -> TokenDelta:
+        """What is new in a request since its last delta; a finished request is forgotten here."""
+        samples: list[SampleDelta] = []
+        for seq in request.seqs:
+            i = seq.index
+            sent = request.sent[i]
+            new = seq.token_ids[seq.num_prompt_tokens + sent :]
+            request.sent[i] = sent + len(new)
+            logprobs = None
+            if request.params.logprobs is not None:
+                logprobs, request.logprobs[i] = request.logprobs[i], []
+            samples.append((i, new, logprobs, seq.finish_reason, request.stop_reasons[i]))
+        first = None
+        if not request.announced:
+            request.announced = True
+            first = (request.prompt, request.prompt_token_ids, request.params)
         finished = all(seq.is_finished for seq in request.seqs)
-        first = request.seqs[0]
         if finished:
-            del self._requests[request.request_id]
-            self._finished.append(
-                RequestStats(
-                    request.request_id,
-                    first.finish_reason or "abort",
-                    len(request.prompt_token_ids),
-                    sum(len(c.token_ids) for c in outputs),
-                    first.num_cached_tokens,
-                    request.arrival_time,
-                    request.first_token_time,
-                    time.monotonic(),
-                )  # fmt: skip
-            )
-        return RequestOutput(
-            request.request_id, request.prompt, request.prompt_token_ids, outputs, finished, first.num_cached_tokens
+            self._retire(request)
+        return (request.request_id, samples, finished, request.seqs[0].num_cached_tokens, first)
+
+    def _retire(self, request: _Request) -> None:
+        """The request is done here: forget it, and count it for the stat loggers."""
+        del self._requests[request.request_id]
+        first = request.seqs[0]
+        self._finished.append(
+            RequestStats(
+                request.request_id,
+                first.finish_reason or "abort",
+                len(request.prompt_token_ids),
+                sum(seq.num_output_tokens for seq in request.seqs),
+                first.num_cached_tokens,
+                request.arrival_time,
+                request.first_token_time,
+                time.monotonic(),
+            )  # fmt: skip
         )
 
     # ---- loops for programs that do not run their own ----------------------------------------------------

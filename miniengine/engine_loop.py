@@ -4,12 +4,17 @@ process of its own (engine_process.py). Either way it is this loop:
     commands, in the order sent            the loop                                 reports
     Add(key, prompt, params, request_id)   1. run every command that arrived   -->  Report(added=[(key, id or error)])
     Abort(request_id) / AbortStream(key)      (wait for one while nothing runs)
-    Drain() / Stop()                       2. step once, if any request runs   -->  Report(outputs, num_waiting)
+    Finish(request_id, index)              2. step once, if any request runs   -->  Report(outputs, num_waiting)
+    Drain() / Stop()
 
 A key names one caller's stream. Aborting by key reaches the request that stream added and never a later
 one that reuses its request id; an abort that arrives before its add has run still finds it, because
 commands run in order. `Drain` aborts every request; `Stop` ends the loop after one last step, which
 reports the aborted requests' final outputs.
+
+In a thread (`EngineLoop(engine)`) a step reports `RequestOutput`s (`Engine.step`). In an engine process
+(`deltas=True`) it reports the engine's `TokenDelta`s (`Engine.step_deltas`): the front end turns them
+into text and outputs (output_processor.py), and sends `Finish` for each sample a stop string ended.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from miniengine.engine import Engine, Prompt
+from miniengine.output_processor import TokenDelta
 from miniengine.outputs import RequestOutput
 from miniengine.sampling_params import SamplingParams
 
@@ -41,6 +47,14 @@ class AbortStream:
 
 
 @dataclass(frozen=True, slots=True)
+class Finish:
+    """A stop string ended this sample (found by the front end's output processor)."""
+
+    request_id: str
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
 class Drain:
     pass
 
@@ -50,20 +64,24 @@ class Stop:
     pass
 
 
-Command = Add | Abort | AbortStream | Drain | Stop
+Command = Add | Abort | AbortStream | Finish | Drain | Stop
 
 
 @dataclass(slots=True)
 class Report:
     added: list[tuple[int, str | Exception]] = field(default_factory=list)  # key -> request id, or why not
-    outputs: list[RequestOutput] = field(default_factory=list)
+    outputs: list[RequestOutput] | list[TokenDelta] = field(default_factory=list)
     num_waiting: int = 0  # requests waiting in the scheduler for a place in the batch
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, deltas: bool = False) -> None:
         self.engine = engine
+        self.deltas = deltas
         self._ids: dict[int, str] = {}  # key -> request id, while the request runs
+        # A Finish ended a request: the next step runs even if nothing else does, so that the stat loggers
+        # hear of it (and of its freed blocks) now, not with the next request.
+        self._retired = False
 
     def run(self, receive: Callable[[bool], list[Command]], report: Callable[[Report], None]) -> None:
         """Loop until `Stop`. `receive(block)` returns the commands that arrived (with `block`, at least one)."""
@@ -74,7 +92,8 @@ class EngineLoop:
                 report(Report(added, [], self._num_waiting()))
             if stop:
                 break
-            if engine.has_unfinished():
+            if engine.has_unfinished() or self._retired:
+                self._retired = False
                 report(Report([], self._step(), self._num_waiting()))
         report(Report([], self._step(), self._num_waiting()))
 
@@ -94,6 +113,10 @@ class EngineLoop:
             elif isinstance(command, AbortStream):
                 if command.key in self._ids:
                     self.engine.abort(self._ids[command.key])
+            elif isinstance(command, Finish):
+                if self.engine.finish_sample(command.request_id, command.index):
+                    self._forget(command.request_id)
+                    self._retired = True
             elif isinstance(command, Drain):
                 for request_id in self._ids.values():
                     self.engine.abort(request_id)
@@ -101,12 +124,19 @@ class EngineLoop:
                 return added, True
         return added, False
 
-    def _step(self) -> list[RequestOutput]:
+    def _step(self) -> list[RequestOutput] | list[TokenDelta]:
+        if self.deltas:
+            deltas = self.engine.step_deltas()
+            self._forget(*(delta[0] for delta in deltas if delta[2]))
+            return deltas
         outputs = self.engine.step()
-        if any(out.finished for out in outputs):
-            done = {out.request_id for out in outputs if out.finished}
-            self._ids = {key: rid for key, rid in self._ids.items() if rid not in done}
+        self._forget(*(out.request_id for out in outputs if out.finished))
         return outputs
+
+    def _forget(self, *done: str) -> None:
+        """These requests finished: a later request may take their ids, and no old key may abort it."""
+        if done:
+            self._ids = {key: rid for key, rid in self._ids.items() if rid not in done}
 
     def _num_waiting(self) -> int:
         return len({seq.request_id for seq in self.engine.scheduler.waiting})

@@ -7,12 +7,17 @@
     AsyncEngine(engine_process)
       commands -> sender thread ---- [Add, Abort, ...] ---->  EngineLoop (engine_loop.py): run the commands,
       streams  <- receiver thread <-- one message a step ---  step, hand the report to a sender thread, which
-                 DeltaDecoder -> RequestOutputs                 sends (adds taken, output deltas, waiting
-                 stat_loggers.record(StepStats)                 count, the step's StepStats)
+                 OutputProcessor -> RequestOutputs              sends (adds taken, token deltas, waiting
+                   (stop string found: Finish(id, index) -->)   count, the step's StepStats)
+                 stat_loggers.record(StepStats)
 
-One message per step, whatever the batch: the outputs go as deltas (output_deltas.py), since a whole
-RequestOutput grows with its request. The caller's stat loggers (the server's Prometheus metrics) run
-here on the StepStats each message carries; stat-logger plugins run in the engine process, beside the loop.
+One message per step, whatever the batch, carrying only each request's new token ids (`Engine.step_deltas`):
+the engine process does no string work per token. Detokenizing, stop strings and building `RequestOutput`s
+happen here, in the receiver thread (output_processor.py); a stop string found here goes back as a `Finish`
+command, which frees the sample's blocks (the engine may have sampled a token or two past it meanwhile:
+they are dropped here, though the step statistics count them as generated). The caller's stat loggers (the
+server's Prometheus metrics) run here on the StepStats each message carries; stat-logger plugins run in the
+engine process, beside the loop.
 
 Start-up follows the tensor parallel workers (distributed.py): a model class registered only in this
 process's memory is sent as "module:Class" (or refused with DriverOnlyModelError if no other process can
@@ -43,9 +48,9 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from miniengine.config import EngineConfig
-from miniengine.engine_loop import Command, EngineLoop, Report, Stop
+from miniengine.engine_loop import Command, EngineLoop, Finish, Report, Stop
 from miniengine.loader import open_checkpoint
-from miniengine.output_deltas import DeltaDecoder, DeltaEncoder
+from miniengine.output_processor import OutputProcessor
 from miniengine.stats import LoggingStatLogger, StatLogger, StepStats
 
 
@@ -106,7 +111,7 @@ class EngineProcess:
 
     def run(self, report: Callable[[Report], None]) -> None:
         """Hand each step's report to `report` until the loop stops; raises EngineProcessError if it dies."""
-        decoder = DeltaDecoder()
+        processor = OutputProcessor(self.tokenizer)
         while True:
             kind, *rest = self._receive()
             if kind != "step":
@@ -115,7 +120,10 @@ class EngineProcess:
             for step_stats in stats:
                 for stat_logger in self.stat_loggers:
                     stat_logger.record(step_stats)
-            report(Report(added, decoder.decode(deltas), num_waiting))
+            outputs, stops = processor.process(deltas)
+            for request_id, index in stops:  # before the outputs go out: a caller may reuse the id at once
+                self.send(Finish(request_id, index))
+            report(Report(added, outputs, num_waiting))
             if last:
                 return
 
@@ -264,7 +272,7 @@ def run_engine_process(
             stats, forward.stats = forward.stats, []
             sender.put(step, stats)
 
-        EngineLoop(engine).run(receive, report)
+        EngineLoop(engine, deltas=True).run(receive, report)
         sender.put(Report(), forward.stats, last=True)
         sender.close()
         engine.shutdown()
@@ -277,8 +285,8 @@ def run_engine_process(
 
 
 class _Sender:
-    """The engine process's reports, encoded and written by a thread of their own: the loop hands a step's
-    report over and goes on to the next step, and the encoding and the write happen while that step waits
+    """The engine process's reports, pickled and written by a thread of their own: the loop hands a step's
+    report over and goes on to the next step, and the pickling and the write happen while that step waits
     for the device (a wait that releases the GIL)."""
 
     def __init__(self, reports: Connection) -> None:
@@ -296,12 +304,11 @@ class _Sender:
         self.thread.join()
 
     def _run(self) -> None:
-        encoder = DeltaEncoder()
         try:
             while (item := self.queue.get()) is not None:
                 step, stats, last = item
                 added = [(key, _portable(result)) for key, result in step.added]
-                self.reports.send(("step", added, encoder.encode(step.outputs), step.num_waiting, stats, last))
+                self.reports.send(("step", added, step.outputs, step.num_waiting, stats, last))
         except OSError:
             os._exit(0)  # the front end is gone: nobody is left to serve
         except BaseException as error:

@@ -52,7 +52,6 @@ class TextState:
     detokenizer: IncrementalDetokenizer | None
     stop: list[str]
     text: str = ""
-    logprobs: list[dict[int, float]] | None = None
     stop_reason: str | int | None = None
     _held: int = field(init=False, default=0)
 
