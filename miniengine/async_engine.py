@@ -225,7 +225,6 @@ class AsyncEngine:
             self._end_streams(EngineStoppedError(f"the engine loop died: {type(error).__name__}: {error}"))
 
     def _report(self, report: Report) -> None:
-        self._num_waiting = report.num_waiting
         for key, result in report.added:
             with self._lock:
                 stream, added = self._adding.pop(key)
@@ -237,6 +236,9 @@ class AsyncEngine:
                 stream.request_id = result
                 self._streams[result] = stream
                 added.set_result(result)
+        # After the adds leave `_adding`: counted in both at once, a request would look like two to an
+        # overload check in between (a spurious 503).
+        self._num_waiting = report.num_waiting
         by_loop: dict[asyncio.AbstractEventLoop, _Items] = {}
         for out in report.outputs:
             stream = self._streams.get(out.request_id)

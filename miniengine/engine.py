@@ -68,12 +68,18 @@ class _Request:
     params: SamplingParams
     aborted: bool = False
     announced: bool = False  # a delta went out: the next ones need not carry the prompt
-    sent: list[int] = field(default_factory=list)  # per sample: output tokens in deltas so far
-    logprobs: list[list[dict[int, float]]] = field(default_factory=list)  # per sample: not yet in a delta
-    stop_reasons: list[int | None] = field(default_factory=list)  # per sample: the stop token id that ended it
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
-    last_token_times: list[float | None] = field(default_factory=list)  # one per sample
+    # Per sample: output tokens in deltas so far, logprobs not yet in one, the stop token id that ended it
+    sent: list[int] = field(init=False)
+    logprobs: list[list[dict[int, float]]] = field(init=False)
+    stop_reasons: list[int | None] = field(init=False)
+    last_token_times: list[float | None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.seqs)
+        self.sent, self.logprobs, self.stop_reasons = [0] * n, [[] for _ in range(n)], [None] * n
+        self.last_token_times = [None] * n
 
 
 class Engine:
@@ -188,11 +194,7 @@ class Engine:
             seq = Sequence(next(self._seq_ids), request_id, list(ids), params, index, extra_inputs=extra)
             seq.first_sibling = seqs[0] if seqs else None
             seqs.append(seq)
-        n = len(seqs)
-        self._requests[request_id] = _Request(
-            request_id, text, list(ids), seqs, params, sent=[0] * n, logprobs=[[] for _ in seqs],
-            stop_reasons=[None] * n, last_token_times=[None] * n,
-        )  # fmt: skip
+        self._requests[request_id] = _Request(request_id, text, list(ids), seqs, params)
         for seq in seqs:
             self.scheduler.add(seq)
         return request_id
