@@ -11,8 +11,10 @@ nothing, yet the sampled tokens vary), and the bundled SmolLM2 tokenizer so deto
     python bench/host_step.py --baseline /tmp/base     # also another checkout's miniengine, in a subprocess
 
 Each prompt has 512 random token ids; each sequence makes 128 tokens (greedy, ignore_eos), once through
-`generate` (outputs of finished requests only) and once through a loop of `step()` (every request's output
-every step, as a server's loop asks). Only pure decode steps are counted. `step_ms` is the wall time of
+`generate` (outputs of finished requests only), once through a loop of `step()` (every request's output
+every step, as a server's loop in a thread asks), and once through a loop of `step_deltas()` with each
+step's deltas pickled (what an engine process does per step; its front end turns the deltas into text and
+outputs, output_processor.py). Only pure decode steps are counted. `step_ms` is the wall time of
 Engine.step(); `model_ms` the part spent in the (stub) forward and the logits; `host_ms` = step_ms - model_ms
 is what a GPU step adds on the host, and what async scheduling hides behind the GPU. Medians over the decode
 steps of one timed run, after a warm-up run; the profile (decode steps of `step()`) is of another run.
@@ -27,6 +29,7 @@ import datetime
 import io
 import json
 import os
+import pickle
 import platform
 import pstats
 import random
@@ -49,8 +52,9 @@ from miniengine.loader import open_checkpoint  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # generate: outputs only of finished requests (an offline run); step: every request's output every step
-# (what a server's loop asks for, and `stream` for its one request)
-MODES = ("generate", "step")
+# (what a server's loop in a thread asks for, and `stream` for its one request); deltas: the engine process's
+# step, token deltas pickled for the front end (checkouts that have Engine.step_deltas)
+MODES = ("generate", "step", "deltas")
 TINY = dict(num_hidden_layers=1, hidden_size=64, intermediate_size=128, num_attention_heads=2,
             num_key_value_heads=1, head_dim=32, vocab_size=512)  # fmt: skip
 
@@ -70,6 +74,7 @@ class Timer:
     def __init__(self, engine: Engine) -> None:
         self.steps: list[tuple[float, float, bool]] = []
         model, step, schedule = engine.runner.model, engine._step, engine.scheduler.schedule
+        step_deltas = getattr(engine, "step_deltas", None)
         forward, logits = model.forward, model.compute_logits
         model_s, decode = [0.0], [False]
 
@@ -87,15 +92,22 @@ class Timer:
             decode[0] = bool(batch.seqs) and batch.num_tokens == len(batch.seqs)
             return batch
 
-        def timed_step(*args, **kwargs):
-            model_s[0] = 0.0
-            start = time.perf_counter()
-            out = step(*args, **kwargs)
-            self.steps.append((time.perf_counter() - start, model_s[0], decode[0]))
-            return out
+        def recorded(function):
+            def call(*args, **kwargs):
+                model_s[0] = 0.0
+                start = time.perf_counter()
+                out = function(*args, **kwargs)
+                self.steps.append((time.perf_counter() - start, model_s[0], decode[0]))
+                return out
+
+            return call
+
+        timed_step = recorded(step)
 
         model.forward, model.compute_logits = timed(forward), timed(logits)
         engine._step, engine.scheduler.schedule = timed_step, timed_schedule
+        if step_deltas is not None:  # the message's pickling counts: the engine process's sender thread does it
+            engine.step_deltas = recorded(lambda: pickle.dumps(step_deltas()))
 
     def decode_figures(self) -> dict:
         decodes = [(s, m) for s, m, decode in self.steps if decode]
@@ -141,6 +153,8 @@ def measure(batches: list[int], prompt_len: int, output_len: int) -> dict:
         engine.generate(prompts[:n], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
         engine.reset_prefix_cache()
         for mode in MODES:
+            if mode == "deltas" and not hasattr(engine, "step_deltas"):
+                continue
             timer.steps.clear()
             if mode == "generate":
                 engine.generate(prompts[:n], params, use_tqdm=False)
@@ -148,7 +162,7 @@ def measure(batches: list[int], prompt_len: int, output_len: int) -> dict:
                 for prompt in prompts[:n]:
                     engine.add_request(prompt, params)
                 while engine.has_unfinished():
-                    engine.step()
+                    engine.step() if mode == "step" else engine.step_deltas()
             engine.reset_prefix_cache()
             out["rows"].append({"batch": n, "mode": mode, **timer.decode_figures()})
     return out

@@ -59,7 +59,7 @@ class PromptTooLongError(ValueError):
     pass
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Request:
     request_id: str
     prompt: str | None
@@ -385,20 +385,21 @@ class Engine:
     def _delta(self, request: _Request) -> TokenDelta:
         """What is new in a request since its last delta; a finished request is forgotten here."""
         samples: list[SampleDelta] = []
-        for seq in request.seqs:
+        finished, with_logprobs = True, request.params.logprobs is not None
+        for seq in request.seqs:  # per step per request: plain loops, no generators (this is the hot path)
             i = seq.index
             sent = request.sent[i]
             new = seq.token_ids[seq.num_prompt_tokens + sent :]
             request.sent[i] = sent + len(new)
             logprobs = None
-            if request.params.logprobs is not None:
+            if with_logprobs:
                 logprobs, request.logprobs[i] = request.logprobs[i], []
             samples.append((i, new, logprobs, seq.finish_reason, request.stop_reasons[i]))
+            finished = finished and seq.finish_reason is not None
         first = None
         if not request.announced:
             request.announced = True
             first = (request.prompt, request.prompt_token_ids, request.params)
-        finished = all(seq.is_finished for seq in request.seqs)
         if finished:
             self._retire(request)
         return (request.request_id, samples, finished, request.seqs[0].num_cached_tokens, first)

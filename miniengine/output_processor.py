@@ -97,16 +97,16 @@ class OutputProcessor:
             request = self._requests.get(request_id)
             if request is None:  # its final output is out: these tokens came after its stop string
                 continue
+            finished = True
             for index, token_ids, logprobs, finish_reason, stop_reason in samples:
                 sample = request.samples[index]
-                if sample.finish_reason is not None:
-                    continue
-                if sample.add(token_ids, logprobs, finish_reason):
-                    if finish_reason is None:
-                        stops.append((request_id, index))
-                elif stop_reason is not None:
-                    sample.text.stop_reason = stop_reason
-            finished = all(s.finish_reason is not None for s in request.samples)
+                if sample.finish_reason is None:
+                    if sample.add(token_ids, logprobs, finish_reason):
+                        if finish_reason is None:
+                            stops.append((request_id, index))
+                    elif stop_reason is not None:
+                        sample.text.stop_reason = stop_reason
+                finished = finished and sample.finish_reason is not None
             if finished:
                 del self._requests[request_id]
             if finished or request_id not in quiet:
