@@ -96,11 +96,24 @@ def test_n_samples_of_several_prompts(client, model):
     assert len(tokens.choices) == 2 and tokens.usage.prompt_tokens == 5
 
 
-def test_stop_string_ends_the_text_before_it(client, model):
+def test_stop_string_ends_the_text_before_it(server, client, model):
     full = client.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
     stop = full[len(full) // 2 : len(full) // 2 + 3]
-    cut = client.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop]).choices[0]
+    stops_before = metric(
+        httpx.get(server.root + "/metrics").text, "miniengine:request_success_total", finished_reason="stop"
+    )
+    # Short of max_tokens: the server finds the stop string, and only its Finish ends the request with "stop" there.
+    cut = client.completions.create(
+        model=model, prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop], extra_body={"ignore_eos": True}
+    ).choices[0]
     assert cut.finish_reason == "stop" and stop not in cut.text and full.startswith(cut.text)
+    deadline = time.monotonic() + 10
+    while (text := httpx.get(server.root + "/metrics").text) and time.monotonic() < deadline:
+        if metric(text, "miniengine:request_success_total", finished_reason="stop") == stops_before + 1:
+            break
+        time.sleep(0.05)
+    assert metric(text, "miniengine:request_success_total", finished_reason="stop") == stops_before + 1
+    assert metric(text, "miniengine:num_kv_blocks_used") == 0 and metric(text, "miniengine:num_requests_running") == 0
     streamed = client.completions.create(
         model=model, prompt=PROMPT, max_tokens=12, temperature=0, stop=stop, stream=True
     )
