@@ -27,6 +27,8 @@ log-sum-exp, and a small reduce kernel merges them (weights exp(lse_s - max lse)
 
 The grid depends only on host integers (number of tokens, sequences, KV heads, splits): every program
 reads its sequence's lengths on the device, so a captured CUDA graph replays right for any `seq_lens`.
+A program finds its sequence by a binary search over `query_start_loc`, except in a pure decode batch,
+where tile i is sequence i.
 A split past a sequence's end does nothing; a sequence of length 0 (a padded graph row) gets zeros.
 """
 
@@ -106,6 +108,7 @@ class LaunchPlan:
     block_q: int  # query tokens per tile
     num_tiles: int  # grid size over query tiles: an upper bound, spare tiles exit at once
     num_splits: int
+    decode: bool  # one query token per sequence: tile i is sequence i, no search
 
 
 def plan_launch(
@@ -127,8 +130,10 @@ def plan_launch(
     if num_splits is None:
         useful_tiles = num_seqs + (num_tokens - num_seqs) // block_q
         num_splits = choose_num_splits(useful_tiles, num_kv_heads, metadata.max_seq_len, _num_sms(device))
+    if metadata.max_query_len <= 1:
+        return LaunchPlan(config, block_m, block_q, num_seqs, num_splits, decode=True)
     # Sequence i owns tiles query_start_loc[i] // block_q + i onwards: at most this many in all.
-    return LaunchPlan(config, block_m, block_q, num_tokens // block_q + num_seqs, num_splits)
+    return LaunchPlan(config, block_m, block_q, num_tokens // block_q + num_seqs, num_splits, decode=False)
 
 
 def paged_attention(
@@ -190,7 +195,7 @@ def paged_attention(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
         GROUP=group, GROUP_PAD=triton.next_power_of_2(group), BLOCK_Q=plan.block_q, BLOCK_M=plan.block_m,
         BLOCK_N=plan.config.block_n,
-        BLOCK_SIZE=block_size, SPLIT=num_splits > 1,
+        BLOCK_SIZE=block_size, SPLIT=num_splits > 1, DECODE=plan.decode,
         # triton 3.9's interpreter returns garbage from tl.dot on bf16 operands: there, dot in fp32.
         UPCAST_DOT=interpret and query.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
@@ -286,14 +291,21 @@ def _paged_attention_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     SPLIT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, SHARED_OFFSETS: tl.constexpr,
+    DECODE: tl.constexpr,
 ):  # fmt: skip
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # the last (longest) query tiles first: a shorter tail
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    seq = _find_sequence(query_start_loc_ptr, num_seqs, tile, BLOCK_Q)
+    if DECODE:  # one query each: tile i is sequence i (a search's chain of dependent loads costs ~2 us)
+        seq = tile
+    else:
+        seq = _find_sequence(query_start_loc_ptr, num_seqs, tile, BLOCK_Q)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    first_q = (tile - q_start // BLOCK_Q - seq) * BLOCK_Q  # the tile's first query, counted in its sequence
+    if DECODE:
+        first_q = 0
+    else:
+        first_q = (tile - q_start // BLOCK_Q - seq) * BLOCK_Q  # the tile's first query, counted in its sequence
     if first_q >= q_len:
         return  # a spare tile: the grid is an upper bound
     context = tl.load(seq_lens_ptr + seq) - q_len  # keys cached before this step's first query

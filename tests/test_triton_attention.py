@@ -104,6 +104,8 @@ def test_each_tile_config(kind):
     query, k_cache, v_cache, meta = make_batch(shapes, 4, 2, 2, 64, torch.float16, seed=1)
     num_tokens, num_seqs = query.shape[0], len(shapes)
     assert tpa.batch_kind(num_tokens, num_seqs, meta.max_query_len) == kind
+    plan = tpa.plan_launch(num_tokens, 4, 2, 64, meta, query.device)
+    assert plan.decode == (kind == "decode") and (plan.num_tiles == num_seqs or kind != "decode")
     check(query, k_cache, v_cache, meta)
 
 
