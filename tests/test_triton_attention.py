@@ -127,6 +127,14 @@ def test_differently_laid_out_k_and_v():
     check(query, k_cache, v_cache, meta, shared_offsets=False, num_splits=2)
 
 
+def test_64_bit_offsets(monkeypatch):
+    """Caches too large for 32-bit offsets take 64-bit address arithmetic: the same results."""
+    monkeypatch.setattr(tpa, "MAX_INT32_SPAN", 0)
+    query, k_cache, v_cache, meta = make_batch(MIXED, 8, 2, 2, 64, torch.float32, seed=5)
+    check(query, k_cache, v_cache, meta)
+    check(query, k_cache, v_cache, meta, shared_offsets=False, num_splits=3)
+
+
 def test_graph_friendly_splits_past_the_end():
     """A batch planned for long sequences (as a captured graph is) stays right for short ones: splits past a
     sequence's end add nothing, and the grid ignores the actual lengths."""
