@@ -5,7 +5,8 @@ tokenizer_config.json) or a single .gguf file (llama.cpp's format: see gguf_load
 skips the weights and fills every parameter with seeded random values of the right shape (for benchmarks
 and tests of models nobody can download here). No pickle is ever loaded. On the CPU, a GGUF's 4-bit matrices
 are also kept packed for decode steps where the platform finds that pays (models/quantized.py);
-`load_format="dense"` keeps only the dequantized weights.
+`load_format="dense"` keeps only the dequantized weights. On a GPU, one-row steps multiply through a Triton
+GEMV instead of cuBLAS (the same weights; `MINIENGINE_CUDA_GEMV=0` turns it off).
 
 Under tensor parallelism (`tp.size > 1`) the checkpoint yields `LazyTensor`s instead of tensors: a handle on
 a tensor in the file that a parallel layer narrows to its rank's rows or columns, so each rank reads only
@@ -15,6 +16,7 @@ its own slices (safetensors' `get_slice`).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from miniengine.models.parallel import SINGLE, TensorParallel, building, load_param
-from miniengine.models.quantized import attach_fp16, attach_int4
+from miniengine.models.quantized import attach_fp16, attach_gemv, attach_int4
 from miniengine.registry import ModelRegistry
 from miniengine.tokenizer import Tokenizer
 
@@ -200,6 +202,8 @@ def load_model(
                 attach_fp16(model, choice[1])
             elif choice:
                 attach_int4(model, checkpoint.int4_weights(), choice[1])
+    if device.type == "cuda" and tp.size == 1 and os.environ.get("MINIENGINE_CUDA_GEMV", "1") != "0":
+        attach_gemv(model)
     return model.eval()
 
 

@@ -12,12 +12,15 @@ Two kinds of copy, which the CPU platform chooses between by measuring (platform
 - 4-bit (`attach_int4`, kernels/int4_matmul.py): a GGUF's own Q4_0 / Q4_1 / Q8_0 values, packed for torch's
   int4 kernel (about a sixth of the bytes). Checkpoint names map to layers as in `load_weights` (q|k|v and
   gate|up stacked; a tied LM head is the embedding).
+On a GPU the slot holds no copy (`attach_gemv`): the layer's own weight, through a Triton GEMV for one-row
+steps (kernels/triton_gemv.py), which streams a weight faster than cuBLAS's kernels for one row do.
 The loader attaches them after the dense weights are in. Only at tensor parallel size 1.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Union
 
 import torch
 from torch import nn
@@ -25,7 +28,10 @@ from torch import nn
 from miniengine.kernels.fp16_matmul import Fp16Weight
 from miniengine.kernels.int4_matmul import Int4Rows, Int4Weight
 
-PackedWeight = Fp16Weight | Int4Weight
+if TYPE_CHECKING:  # triton is imported by GPU code only
+    from miniengine.kernels.triton_gemv import GemvWeight
+
+PackedWeight = Union[Fp16Weight, Int4Weight, "GemvWeight"]
 
 
 def packed_or_dense_linear(
@@ -48,6 +54,17 @@ def attach_fp16(model: nn.Module, max_rows: int) -> int:
             layer.packed_weight = Fp16Weight.pack(layer.weight, max_rows)
             total += layer.packed_weight.nbytes
     return total
+
+
+def attach_gemv(model: nn.Module) -> int:
+    """Give each layer that takes a packed copy a GEMV view of its own weight for one-row steps (the GPU's
+    choice); returns how many layers took one."""
+    from miniengine.kernels.triton_gemv import GemvWeight
+
+    layers = [layer for layer in model.modules() if hasattr(layer, "packed_weight") and layer.weight.dim() == 2]
+    for layer in layers:
+        layer.packed_weight = GemvWeight(layer.weight)
+    return len(layers)
 
 
 def attach_int4(model: nn.Module, weights: Iterable[tuple[str, Int4Rows]], max_rows: int) -> int:

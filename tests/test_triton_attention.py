@@ -104,6 +104,8 @@ def test_each_tile_config(kind):
     query, k_cache, v_cache, meta = make_batch(shapes, 4, 2, 2, 64, torch.float16, seed=1)
     num_tokens, num_seqs = query.shape[0], len(shapes)
     assert tpa.batch_kind(num_tokens, num_seqs, meta.max_query_len) == kind
+    plan = tpa.plan_launch(num_tokens, 4, 2, 64, meta, query.device)
+    assert plan.decode == (kind == "decode") and (plan.num_tiles == num_seqs or kind != "decode")
     check(query, k_cache, v_cache, meta)
 
 
@@ -123,6 +125,14 @@ def test_differently_laid_out_k_and_v():
     k_wide.copy_(k_cache)  # the same keys, every block and slot strided differently from V
     check(query, k_wide, v_cache, meta)
     check(query, k_cache, v_cache, meta, shared_offsets=False, num_splits=2)
+
+
+def test_64_bit_offsets(monkeypatch):
+    """Caches too large for 32-bit offsets take 64-bit address arithmetic: the same results."""
+    monkeypatch.setattr(tpa, "MAX_INT32_SPAN", 0)
+    query, k_cache, v_cache, meta = make_batch(MIXED, 8, 2, 2, 64, torch.float32, seed=5)
+    check(query, k_cache, v_cache, meta)
+    check(query, k_cache, v_cache, meta, shared_offsets=False, num_splits=3)
 
 
 def test_graph_friendly_splits_past_the_end():
