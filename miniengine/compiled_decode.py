@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from miniengine.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from miniengine.kernels.paged_attention import paged_decode_attention
+from miniengine.models.llama import compile_layers_once
 
 if TYPE_CHECKING:
     from miniengine.model_runner import ModelRunner, StepInput
@@ -53,6 +54,7 @@ class CompiledDecode:
         for layer in attention_layers(runner.model):
             layer.k_cache, layer.v_cache = own_storage(layer.k_cache), own_storage(layer.v_cache)
         self.kernels = dataclasses.replace(runner.kernels, name="compiled", attend=decode_attention)
+        compile_layers_once()
         self.step = torch.compile(self._forward, dynamic=False)
         start = time.perf_counter()
         self._warm_up()

@@ -107,15 +107,25 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
-def _decoder_layer(layer: LlamaDecoderLayer, positions: torch.Tensor, hidden: torch.Tensor, residual):
+def _call_layer(layer: LlamaDecoderLayer, positions: torch.Tensor, hidden: torch.Tensor, residual):
     return layer(positions, hidden, residual)
 
 
-# Under torch.compile (the CPU's compiled decode step, compiled_decode.py) every layer is the same code on
-# other weights: a nested compile region is traced and compiled once for all of them (~10 s instead of
-# minutes for 30 layers). Eagerly it is a plain call; torch before 2.8 lacks it and compiles each layer.
-_nested = getattr(torch.compiler, "nested_compile_region", None)
-decoder_layer = _nested(_decoder_layer) if _nested else _decoder_layer
+_layer_region = None  # `_call_layer` as a nested compile region, once `compile_layers_once` made it
+
+
+def compile_layers_once() -> None:
+    """Under torch.compile (the CPU's compiled decode step, compiled_decode.py), let every layer's call go
+    through one nested compile region: the layers are the same code on other weights, so they are traced and
+    compiled once (~10 s instead of minutes for 30 layers). Made on demand: it imports torch's compiler,
+    which a start-up that never compiles need not pay for. torch before 2.8 lacks it and compiles each layer."""
+    global _layer_region
+    region = getattr(torch.compiler, "nested_compile_region", None)
+    _layer_region = region(_call_layer) if region else _call_layer
+
+
+def decoder_layer(layer: LlamaDecoderLayer, positions: torch.Tensor, hidden: torch.Tensor, residual):
+    return (_layer_region or _call_layer)(layer, positions, hidden, residual)
 
 
 class LlamaModel(nn.Module):
