@@ -78,9 +78,11 @@ class CpuPlatform(Platform):
     def decode_runner(self, runner, max_num_seqs: int, max_model_len: int, capture: bool) -> object | None:
         """A compiled one-sequence decode step, unless `enforce_eager`; if torch cannot compile here (no C++
         compiler, say), decode steps stay eager and the log says why."""
-        if not capture:
-            return None
         from miniengine.compiled_decode import CompiledDecode
+        from miniengine.models.moe import SparseMoeBlock
+
+        if not capture or any(isinstance(m, SparseMoeBlock) for m in runner.model.modules()):
+            return None  # MoE layers (routing by data-dependent shapes) are not measured compiled: eager
 
         try:
             return CompiledDecode(runner)
