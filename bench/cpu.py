@@ -10,7 +10,9 @@ tokens/s); `ratio_to_llama_cpp` is miniengine's decode tokens/s over llama.cpp's
 `--threads` count (torch.set_num_threads), float32 (what the CPU platform picks on a CPU without native bf16),
 with steps of up to `packed_max_rows` rows through the packed copy of the weights the platform keeps
 (models/quantized.py: fp16 for fbgemm, or the GGUF's own 4 bits; `MINIENGINE_CPU_FP16=0` and
-`MINIENGINE_CPU_INT4=0` in the environment measure without them);
+`MINIENGINE_CPU_INT4=0` in the environment measure without them), and one sequence's decode steps through
+the compiled step (compiled_decode.py; `compiled_decode_s`: its compile time, inside `load_s`;
+`MINIENGINE_CPU_COMPILE=0` measures without it);
 `--baseline DIR` also runs another checkout's miniengine (a directory holding its `miniengine` package, e.g.
 the commit before a change) in a subprocess, for before/after figures from the same run. transformers runs the
 same token ids in float32 (all prompts in one left-padded generate call).
@@ -96,7 +98,8 @@ def miniengine_figures(threads: int, max_tokens: int) -> dict:
     packed = [w for m in modules if (w := getattr(m, "packed_weight", None) or getattr(m, "int4", None)) is not None]
     out: dict = {"threads": threads, "dtype": str(engine.dtype).removeprefix("torch."), "load_s": load_s,
                  "packed_weights": sorted({type(w).__name__ for w in packed}),
-                 "packed_max_rows": max((w.max_rows for w in packed), default=0)}  # fmt: skip
+                 "packed_max_rows": max((w.max_rows for w in packed), default=0),
+                 "compiled_decode_s": getattr(engine.runner.graphs, "compile_s", None)}  # fmt: skip
     for name, n in WORKLOADS.items():
         engine.generate(ids[:n], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
         engine.reset_prefix_cache()

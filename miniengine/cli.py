@@ -19,6 +19,7 @@ from typing import Any
 
 from miniengine.config import EngineConfig
 from miniengine.engine import Engine
+from miniengine.platforms import resolve_platform
 from miniengine.sampling_params import SamplingParams
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the log lines of every miniengine process
@@ -99,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
             n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
             repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, stop=args.stop,
         )  # fmt: skip
-        engine = Engine(args.model, **given(args, engine_names))
+        options = given(args, engine_names)
+        if "enforce_eager" not in options and resolve_platform(options.get("device", "auto")).name == "cpu":
+            # One-shot: a compiled decode step costs seconds at start-up, more than a few hundred tokens save.
+            options["enforce_eager"] = True
+        engine = Engine(args.model, **options)
         prompts = [engine.chat_prompt([{"role": "user", "content": p}]) if args.chat else p for p in args.prompts]
         return _run(engine, args.prompts, prompts, params, args.stream)
     except (ValueError, FileNotFoundError) as error:  # bad options, no model, a prompt too long, no chat template

@@ -124,7 +124,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.kernels = platform.kernels()
         self.kv_cache = torch.empty(0)
-        self.graphs = None  # a CudaGraphRunner once captured
+        self.graphs = None  # the platform's decode runner (CUDA graphs, a compiled step) once prepared
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """The KV cache, not zero-filled: filling gigabytes costs seconds of start-up (and, on the CPU, every
@@ -136,13 +136,9 @@ class ModelRunner:
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 
     def capture_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool = True) -> None:
-        """Decode steps of up to `max_num_seqs` sequences replay CUDA graphs (`capture=False`: run the same
-        padded steps eagerly)."""
-        from miniengine.cuda_graph import CudaGraphRunner
-
-        # The LM head goes into the graph, except where its logits are gathered across ranks.
-        logits = self.config.tensor_parallel_size == 1
-        self.graphs = CudaGraphRunner(self, max_num_seqs, max_model_len, capture, logits)
+        """Decode steps run what the platform prepares for them (`Platform.decode_runner`): CUDA graphs of up to
+        `max_num_seqs` sequences (`capture=False`: the same padded steps, eagerly), a compiled step on the CPU."""
+        self.graphs = self.platform.decode_runner(self, max_num_seqs, max_model_len, capture)
 
     def to_device(
         self, step: StepInput, fed_ids: torch.Tensor | None = None

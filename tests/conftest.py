@@ -16,6 +16,8 @@ os.environ.setdefault("MINIENGINE_CPU_DTYPE", "float32")
 # ... and with the dense weights only: the packed decode paths (models/quantized.py) are checked against them.
 os.environ.setdefault("MINIENGINE_CPU_INT4", "0")
 os.environ.setdefault("MINIENGINE_CPU_FP16", "0")
+# ... and eager decode steps: compiling costs seconds per engine; tests/test_compiled_decode.py checks that path.
+os.environ.setdefault("MINIENGINE_CPU_COMPILE", "0")
 
 from miniengine.gguf_loader import bundled_smollm2_path  # noqa: E402
 

@@ -16,6 +16,7 @@ What pays on a CPU is chosen here, measured rather than assumed:
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -39,10 +40,14 @@ INT4_MAX_ROWS = 16
 FP16_MAX_ROWS = 64
 
 
+logger = logging.getLogger("miniengine")
+
+
 class CpuPlatform(Platform):
     name = "cpu"
     device_type = "cpu"
     dist_backend = "gloo"
+    supports_graphs = True  # a compiled one-sequence decode step
 
     def default_dtype(self) -> torch.dtype:
         forced = os.environ.get("MINIENGINE_CPU_DTYPE")
@@ -64,7 +69,26 @@ class CpuPlatform(Platform):
         return os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page
 
     def check_and_update_config(self, config: EngineConfig) -> None:
-        config.enforce_eager = True  # no graph capture on the CPU
+        flag = os.environ.get("MINIENGINE_CPU_COMPILE", "1")
+        if flag not in ("0", "1"):
+            raise ValueError(f"MINIENGINE_CPU_COMPILE={flag!r} is not 0 (eager decode steps) or 1 (compiled)")
+        if flag == "0" or config.tensor_parallel_size > 1:  # collectives stay out of compiled graphs
+            config.enforce_eager = True
+
+    def decode_runner(self, runner, max_num_seqs: int, max_model_len: int, capture: bool) -> object | None:
+        """A compiled one-sequence decode step, unless `enforce_eager`; if torch cannot compile here (no C++
+        compiler, say), decode steps stay eager and the log says why."""
+        from miniengine.compiled_decode import CompiledDecode
+        from miniengine.models.moe import SparseMoeBlock
+
+        if not capture or any(isinstance(m, SparseMoeBlock) for m in runner.model.modules()):
+            return None  # MoE layers (routing by data-dependent shapes) are not measured compiled: eager
+
+        try:
+            return CompiledDecode(runner)
+        except Exception as error:  # noqa: BLE001 (inductor raises many kinds; any of them means: run eagerly)
+            logger.warning("decode steps run eagerly: torch.compile failed (%s: %s)", type(error).__name__, error)
+            return None
 
     def kv_cache_bytes(self, config: EngineConfig, model_bytes: int, profile: Callable[[], int]) -> int:
         """`MINIENGINE_CPU_KV_CACHE_GIB` (default 4 GiB), never more than half the memory still available."""

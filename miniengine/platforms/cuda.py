@@ -8,12 +8,16 @@ GPU hold (the CUDA context, NCCL, other processes).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from miniengine.config import EngineConfig
 from miniengine.forward_context import Kernels
 from miniengine.platforms.interface import Platform
+
+if TYPE_CHECKING:
+    from miniengine.model_runner import ModelRunner
 
 
 class CudaPlatform(Platform):
@@ -35,6 +39,13 @@ class CudaPlatform(Platform):
 
     def default_dtype(self) -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def decode_runner(self, runner: ModelRunner, max_num_seqs: int, max_model_len: int, capture: bool) -> object:
+        from miniengine.cuda_graph import CudaGraphRunner
+
+        # The LM head goes into the graph, except where its logits are gathered across ranks.
+        logits = runner.config.tensor_parallel_size == 1
+        return CudaGraphRunner(runner, max_num_seqs, max_model_len, capture, logits)
 
     def kernels(self) -> Kernels:
         from miniengine.kernels import triton_fused_ops as ops

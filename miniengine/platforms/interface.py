@@ -17,13 +17,15 @@ from miniengine.forward_context import Kernels
 
 if TYPE_CHECKING:
     from miniengine.config import EngineConfig
+    from miniengine.model_runner import ModelRunner
 
 
 class Platform:
     name: str = "base"
     device_type: str = "cpu"  # torch device type
     dist_backend: str = "gloo"  # torch.distributed backend for tensor parallel workers
-    supports_graphs: bool = False  # can decode steps be captured and replayed (CUDA graphs)?
+    # Does the platform prepare decode steps at start-up (`decode_runner`: CUDA graphs, a compiled CPU step)?
+    supports_graphs: bool = False
     # Does queued device work run while the host goes on? Then async scheduling hides the host's step.
     runs_asynchronously: bool = False
 
@@ -48,6 +50,11 @@ class Platform:
     def memory_info(self) -> tuple[int, int]:
         """(free, total) bytes of device memory."""
         raise NotImplementedError
+
+    def decode_runner(self, runner: ModelRunner, max_num_seqs: int, max_model_len: int, capture: bool) -> object | None:
+        """What runs the decode steps it can (`can_run(step)`, `run(step, fed_ids)`, `logits`), prepared at start-up
+        when `supports_graphs`; None: the eager model runs them. `capture` is False under `enforce_eager`."""
+        return None
 
     def kv_cache_bytes(self, config: EngineConfig, model_bytes: int, profile: Callable[[], int]) -> int:
         """Bytes the KV cache may take. `profile()` runs a forward pass of a full step's batch and returns
