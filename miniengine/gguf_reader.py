@@ -55,6 +55,21 @@ class _Cursor:
     def string(self) -> str:
         return str(self.take(self.scalar("Q")), "utf-8")
 
+    def strings(self, count: int) -> list[str]:
+        buf, pos, end, length = self.buf, self.pos, len(self.buf), struct.Struct("<Q").unpack_from
+        out = []
+        for _ in range(count):
+            if pos + 8 > end:
+                raise ValueError(f"a string's length at offset {pos} runs past the end ({end} bytes)")
+            (size,) = length(buf, pos)
+            pos += 8
+            if pos + size > end:
+                raise ValueError(f"a read of {size} bytes at offset {pos} runs past the end ({end} bytes)")
+            out.append(str(buf[pos : pos + size], "utf-8"))
+            pos += size
+        self.pos = pos
+        return out
+
     def value(self, kind: int) -> Any:
         if kind in _SCALARS:
             return self.scalar(_SCALARS[kind])
@@ -67,6 +82,8 @@ class _Cursor:
                 return np.frombuffer(self.take(count * struct.calcsize(fmt)), "<" + fmt).tolist()
             if count > len(self.buf) - self.pos:  # every element takes at least one byte
                 raise ValueError(f"an array of {count} elements cannot fit in the file")
+            if item == _STRING:  # a vocabulary, merges: ~100,000 strings, read in one loop
+                return self.strings(count)
             return [self.value(item) for _ in range(count)]
         raise ValueError(f"unknown GGUF value type {kind}")
 
