@@ -53,12 +53,15 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     n, k = weight.shape
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     key = (n, k, weight.dtype, x.device)
-    if key not in _chosen and x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        _launch(x, weight, y, *CANDIDATES[0])  # no timing inside a graph capture (warm-ups come first)
-    else:
-        if key not in _chosen:
-            _chosen[key] = _fastest(x, weight, y) if x.device.type == "cuda" else CANDIDATES[0]
-        _launch(x, weight, y, *_chosen[key])
+    config = _chosen.get(key)
+    if config is None:
+        if x.device.type != "cuda":
+            config = _chosen[key] = CANDIDATES[0]
+        elif torch.cuda.is_current_stream_capturing():
+            config = CANDIDATES[0]  # no timing inside a graph capture (warm-ups come first)
+        else:
+            config = _chosen[key] = _fastest(x, weight, y)
+    _launch(x, weight, y, *config)
     return y if bias is None else y + bias
 
 

@@ -45,12 +45,17 @@ def packed_or_dense_linear(
     return y if bias is None else y + bias
 
 
+def _slotted(model: nn.Module) -> list[nn.Module]:
+    """The layers that take a packed copy (linear layers, the LM head)."""
+    return [layer for layer in model.modules() if hasattr(layer, "packed_weight") and layer.weight.dim() == 2]
+
+
 def attach_fp16(model: nn.Module, max_rows: int) -> int:
-    """Give each layer that takes a packed copy (linear layers, the LM head) an fp16 one of its float32
-    weight; returns the bytes the copies take."""
+    """Give each layer that takes a packed copy an fp16 one of its float32 weight; returns the bytes the
+    copies take."""
     total = 0
-    for layer in model.modules():
-        if hasattr(layer, "packed_weight") and layer.weight.dtype == torch.float32 and layer.weight.dim() == 2:
+    for layer in _slotted(model):
+        if layer.weight.dtype == torch.float32:
             layer.packed_weight = Fp16Weight.pack(layer.weight, max_rows)
             total += layer.packed_weight.nbytes
     return total
@@ -61,7 +66,7 @@ def attach_gemv(model: nn.Module) -> int:
     choice); returns how many layers took one."""
     from miniengine.kernels.triton_gemv import GemvWeight
 
-    layers = [layer for layer in model.modules() if hasattr(layer, "packed_weight") and layer.weight.dim() == 2]
+    layers = _slotted(model)
     for layer in layers:
         layer.packed_weight = GemvWeight(layer.weight)
     return len(layers)

@@ -136,12 +136,13 @@ def packed_weights(dtype: torch.dtype, has_int4: bool) -> tuple[str, int] | None
     matrices), and for steps of up to how many rows; None: the dense weights only. A flag that forces one
     on wins over the measured choice."""
     fp16 = fp16_max_rows() if dtype == torch.float32 else 0
+    int4_first = has_int4 and _forced("MINIENGINE_CPU_INT4") and not _forced("MINIENGINE_CPU_FP16")
+    if fp16 and not int4_first:
+        return "fp16", fp16  # int4's probe (~50 ms of start-up) need not run
     int4 = int4_max_rows() if has_int4 else 0
-    if int4 and _forced("MINIENGINE_CPU_INT4") and not _forced("MINIENGINE_CPU_FP16"):
+    if int4:
         return "int4", int4
-    if fp16:
-        return "fp16", fp16
-    return ("int4", int4) if int4 else None
+    return ("fp16", fp16) if fp16 else None
 
 
 def fp16_max_rows() -> int:
