@@ -8,7 +8,9 @@ One request: a 512-token prompt of random ids, 128 tokens out (greedy, ignore_eo
 steps only (first token to last), so prefill is not in it. The floor of a decode step is reading every weight
 and the KV cache so far once, at the copy bandwidth measured in this run; `ratio_to_floor` = floor / measured.
 transformers' eager `generate` on the same config (its own random weights) is timed the same way: (time for
-128 tokens - time for 1 token) / 127. Writes bench/results/latency-<gpu>-<date>.json.
+128 tokens - time for 1 token) / 127. With `--tensor-parallel-size N` the same run also times one all-reduce
+of a [1, hidden] row over the N GPUs in a CUDA graph (bench/allreduce.py): `allreduce_ms_per_step` is the
+2 x layers of them a decode step makes. Writes bench/results/latency-<gpu>-<date>.json.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import allreduce  # noqa: E402
 from presets import hf_config, model_dir  # noqa: E402
 from report import versions, write_result  # noqa: E402
 from roofline import ModelSpec, gpu_copy_bandwidth  # noqa: E402
@@ -99,6 +102,7 @@ def main() -> None:
         per_token, _, engine = ours(name, prompt, args.output_len, args.tensor_parallel_size)
         spec = ModelSpec.from_model(engine.runner.model, engine.hf_config, engine.dtype)
         overlapped = engine.async_scheduling is not None
+        engine_hidden = engine.hf_config.hidden_size
         release(engine)
         sync_ms = None
         if args.compare_sync and overlapped:  # the same run with synchronous steps, for the overlap's gain
@@ -115,6 +119,10 @@ def main() -> None:
         if sync_ms is not None:
             row["sync_ms_per_token"] = sync_ms
             row["sync_ratio_to_floor"] = 1e3 * floor / sync_ms
+        if args.tensor_parallel_size > 1:  # what the step's 2 x layers all-reduces of one row cost, same run
+            one_row = allreduce.measure(args.tensor_parallel_size, engine_hidden, [1])[0]["in_graph_us"]
+            row["allreduce_us"] = one_row
+            row["allreduce_ms_per_step"] = 2 * spec.num_layers * one_row / 1e3
         if not args.skip_hf:
             row["transformers_ms_per_token"] = 1e3 * transformers_ms(name, prompt, args.output_len)
         rows.append(row)

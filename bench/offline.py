@@ -46,7 +46,8 @@ class PhaseTimer:
     def __init__(self, engine: Engine) -> None:
         self.totals = {"step": 0.0, "forward": 0.0, "launch": 0.0, "wait for ids": 0.0}
         self.steps = 0
-        step, forward, launch = engine._step, engine.runner.execute, engine.runner.launch  # generate() loops on _step
+        step, forward = engine._step, engine.runner.execute  # generate() loops on _step
+        launch = getattr(engine.runner, "launch", None)  # none with tensor parallel: execute returns the logits
 
         def timed(key, fn):
             def wrapper(*args, **kwargs):
@@ -63,12 +64,14 @@ class PhaseTimer:
             return timed("step", step)(*args)
 
         engine._step, engine.runner.execute = timed_step, timed("forward", forward)
-        engine.runner.launch = timed("launch", launch)  # runner.run (no async scheduling) calls launch too
+        if launch is not None:  # runner.run (no async scheduling) calls launch too
+            engine.runner.launch = timed("launch", launch)
         Sampled.results = timed("wait for ids", Sampled.results)  # for the whole process: one timer per run
 
     def summary(self) -> dict:
         t = dict(self.totals)
-        t["sample"] = t.pop("launch") - t["forward"]  # launch() includes execute()
+        launched = t.pop("launch")
+        t["sample"] = launched - t["forward"] if launched else 0.0  # launch() includes execute()
         t["engine (schedule, detokenize, outputs)"] = t.pop("step") - t["forward"] - t["sample"] - t["wait for ids"]
         return {"steps": self.steps, "host_seconds": t}
 
