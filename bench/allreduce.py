@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
 import socket
 import sys
@@ -67,6 +68,8 @@ def _rank(rank: int, world: int, init_method: str, hidden: int, rows: list[int],
                     "bus_GB_per_s": 2 * (world - 1) / world * size / replayed / 1e9})  # fmt: skip
     if rank == 0:
         results.extend(out)
+    del graph  # a graph holding NCCL work keeps the communicator: destroying the group first hangs
+    gc.collect()
     dist.destroy_process_group()
 
 

@@ -27,6 +27,7 @@ flags and `--tensor-parallel-size`, which runs that host's ranks (`run_node`).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib.util
 import logging
 import multiprocessing as mp
@@ -179,7 +180,7 @@ def run_worker(where: Rendezvous, conn: Connection | None = None) -> None:
             result = getattr(runner, name)(*args)
             if name == "kv_blocks_that_fit":
                 min_over_ranks(result, control)
-        dist.destroy_process_group()
+        _leave_group([runner])
     except BaseException:
         text = traceback.format_exc()
         print(f"miniengine tensor parallel worker rank {where.rank} failed:\n{text}", file=sys.stderr, flush=True)
@@ -207,9 +208,22 @@ def spawn_workers(first: int, count: int, where: Rendezvous) -> tuple[list[mp.Pr
     return procs, conns
 
 
-def _stop(procs: list[mp.Process], conns: list[Connection], wait_s: float = 0.0) -> None:
-    """Wait up to `wait_s` for the workers to leave (they were told to), kill the rest, leave the group;
-    safe to call twice. (At interpreter exit nothing was said to them: they are killed at once.)"""
+def _leave_group(runners: list[ModelRunner]) -> None:
+    """Free the runners' CUDA graphs, then close the default process group. A graph that captured an NCCL
+    collective holds a reference on its communicator, and destroying the group waits until every such graph
+    is gone (pytorch/pytorch#115388): closing the group first hangs for ever."""
+    for runner in runners:
+        runner.shutdown()
+    runners.clear()
+    gc.collect()  # a graph in a reference cycle goes now, not at some later collection
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _stop(procs: list[mp.Process], conns: list[Connection], runners: list[ModelRunner], wait_s: float = 0.0) -> None:
+    """Wait up to `wait_s` for the workers to leave (they were told to), kill the rest, free this process's
+    runners and leave the group; safe to call twice. (At interpreter exit nothing was said to the workers:
+    they are killed at once.)"""
     deadline = time.monotonic() + wait_s
     for proc in procs:
         proc.join(max(0.0, deadline - time.monotonic()))
@@ -221,8 +235,7 @@ def _stop(procs: list[mp.Process], conns: list[Connection], wait_s: float = 0.0)
         conn.close()
     procs.clear()
     conns.clear()
-    if dist.is_initialized():
-        dist.destroy_process_group()  # closes the connections: a worker on another host leaves too
+    _leave_group(runners)  # closes the connections: a worker on another host leaves too
 
 
 class TensorParallelExecutor:
@@ -243,7 +256,8 @@ class TensorParallelExecutor:
             os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # before spawning: the workers inherit it
         self.config, self.platform, self._closed = config, platform, False
         self.procs, self.conns = spawn_workers(0, size // config.nnodes - 1, where)
-        self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns)
+        self._runners: list[ModelRunner] = []  # rank 0's, freed before the group closes
+        self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns, self._runners)
         self._errors: dict[int, str] = {}  # local worker index -> its traceback
         self._broken: BaseException | None = None  # a step that failed: the ranks are out of step since
         try:
@@ -253,6 +267,7 @@ class TensorParallelExecutor:
             tp = TensorParallel(0, size, None, ep)  # the layers use the default group: no reference kept
             self.model = load_model(checkpoint, platform.device(), dtype, config.load_format, config.seed, tp)
             self.runner = ModelRunner(self.model, platform, dtype, config)
+            self._runners.append(self.runner)
             dist.barrier(group=self.control)  # every rank has its shard
         except BaseException as error:
             # A broken collective (RuntimeError) is a worker's fault, whose error says more; any other error
@@ -309,9 +324,7 @@ class TensorParallelExecutor:
                 polite = False  # a peer is gone already
         self.control = None  # the group's store (its listening port) closes once nothing refers to it
         self._finalizer.detach()
-        _stop(self.procs, self.conns, wait_s=5.0 if polite else 0.0)
-        if hasattr(self, "runner"):
-            self.runner.shutdown()
+        _stop(self.procs, self.conns, self._runners, wait_s=5.0 if polite else 0.0)
 
     # ---- messages and faults -----------------------------------------------------------------------------
 
@@ -400,5 +413,5 @@ def run_node(where: Rendezvous, ranks_per_node: int) -> int:
     try:
         run_worker(where)
     finally:
-        _stop(procs, conns)
+        _stop(procs, conns, [])
     return 0

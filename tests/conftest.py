@@ -4,9 +4,17 @@ transformers' own load of the same file, made once per test session."""
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
-import pytest
-import torch
+# `python -m pytest` puts the working directory (the source tree) first on sys.path, where the folder
+# `kernels/` (installed as miniengine.kernels) would shadow the PyPI package `kernels` that transformers
+# (5.25 on) imports. miniengine itself is imported from its installation, so the tree need not be there.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors (set before triton is imported).
 if not torch.cuda.is_available():
