@@ -26,6 +26,27 @@ class RMSNorm(nn.Module):
         """Normalise `x`; with `residual`, first add it and also return the sum (the next residual)."""
         return get_forward_context().kernels.rms_norm(x, self.weight, self.eps, residual)
 
+    def then(self, linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None):
+        """`linear(self(x, residual))` and the next residual (x + residual, or x itself when there is none).
+        Where `linear` takes this step's rows through a GEMV that normalises its own input (a one-row decode
+        on a GPU, kernels/triton_gemv.py) that is one launch instead of two."""
+        fused = fused_prologue(linear, x, "normed_matmul")
+        if fused is not None and self.weight.dtype == x.dtype:
+            y, residual = fused(x, residual, self.weight, self.eps)
+            return (y if linear.bias is None else y + linear.bias), residual
+        if residual is None:
+            return linear(self(x)), x
+        x, residual = self(x, residual)
+        return linear(x), residual
+
+
+def fused_prologue(linear: nn.Module, x: torch.Tensor, name: str):
+    """The packed weight's fused form `name` of `linear` (see `RMSNorm.then`) when it takes x's rows; else None."""
+    packed = getattr(linear, "packed_weight", None)
+    if packed is None or x.dim() != 2 or x.shape[0] > packed.max_rows:
+        return None
+    return getattr(packed, name, None)
+
 
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding, "neox" layout (rotate the two halves of each head), as HF Llama does."""

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from miniengine.forward_context import get_forward_context
-from miniengine.models.layers import Attention, RMSNorm, RotaryEmbedding
+from miniengine.models.layers import Attention, RMSNorm, RotaryEmbedding, fused_prologue
 from miniengine.models.parallel import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -65,7 +65,11 @@ class LlamaAttention(nn.Module):
         self.split = [q_size, kv_size, kv_size]
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden).split(self.split, dim=-1)
+        return self.attend(positions, self.qkv_proj(hidden))
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        """The rest of `forward` once q|k|v is projected (the decoder layer may fuse the projection with its norm)."""
+        q, k, v = qkv.split(self.split, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -84,7 +88,15 @@ class LlamaMLP(nn.Module):
             raise NotImplementedError(f"hidden_act {config.hidden_act!r} is not supported (silu is)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(get_forward_context().kernels.silu_and_mul(self.gate_up_proj(x)))
+        return self.down(self.gate_up_proj(x))
+
+    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """down_proj(silu(gate) * up): one launch where down_proj's GEMV applies the activation as it loads."""
+        fused = fused_prologue(self.down_proj, gate_up, "silu_matmul")
+        if fused is not None:
+            y = fused(gate_up)
+            return y if self.down_proj.bias is None else y + self.down_proj.bias
+        return self.down_proj(get_forward_context().kernels.silu_and_mul(gate_up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -98,12 +110,13 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
-        if residual is None:
-            hidden, residual = self.input_layernorm(hidden), hidden
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        # Each norm goes with the projection after it (`RMSNorm.then`): one kernel where the platform fuses them.
+        qkv, residual = self.input_layernorm.then(self.self_attn.qkv_proj, hidden, residual)
+        hidden = self.self_attn.attend(positions, qkv)
+        if isinstance(self.mlp, LlamaMLP):
+            gate_up, residual = self.post_attention_layernorm.then(self.mlp.gate_up_proj, hidden, residual)
+            return self.mlp.down(gate_up), residual
+        hidden, residual = self.post_attention_layernorm(hidden, residual)  # a MoE block: router and experts
         return self.mlp(hidden), residual
 
 

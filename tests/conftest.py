@@ -9,9 +9,9 @@ from pathlib import Path
 
 # `python -m pytest` puts the working directory (the source tree) first on sys.path, where the folder
 # `kernels/` (installed as miniengine.kernels) would shadow the PyPI package `kernels` that transformers
-# (5.25 on) imports. miniengine itself is imported from its installation, so the tree need not be there.
+# (5.25 on) imports: the tree goes last instead (the tests import `tests.tiny_models` from it).
 _ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT] + [str(_ROOT)]
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -36,6 +36,78 @@ def test_equals_torch(n, k, dtype):
     torch.testing.assert_close(got.float(), reference(x, weight) + bias.float(), **tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n", "k"), [(37, 200), (20, 1024)])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_rms_norm_prologue_equals_norm_then_gemv(n, k, dtype, with_residual):
+    """The norm fused in front of the GEMV: the same y as rms_norm's output through the plain GEMV, and the
+    next residual bit for bit (x + residual, or x itself)."""
+    from miniengine.kernels.fused_ops import rms_norm
+
+    g = torch.Generator().manual_seed(n + k)
+    weight = (torch.randn(n, k, generator=g) / k**0.5).to(DEVICE, dtype)
+    x, residual = (torch.randn(1, k, generator=g).to(DEVICE, dtype) for _ in range(2))
+    norm_weight = (1 + torch.randn(k, generator=g) / 4).to(DEVICE, dtype)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 2e-2}
+    for block in triton_gemv.CANDIDATES:
+        triton_gemv._chosen[(n, k, dtype, x.device)] = block
+        y, new_residual = triton_gemv.gemv_rms_norm(x, residual if with_residual else None, norm_weight, 1e-6, weight)
+        normed, expected_residual = rms_norm(x, norm_weight, 1e-6, residual) if with_residual else (
+            rms_norm(x, norm_weight, 1e-6), x)  # fmt: skip
+        # (Triton's interpreter rounds to bf16 its own way: one unit in the last place apart at most)
+        torch.testing.assert_close(new_residual, expected_residual, **({} if dtype == torch.float32 else tolerance))
+        torch.testing.assert_close(y.float(), reference(normed, weight), **tolerance)
+    triton_gemv._chosen.clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n", "k"), [(37, 200), (24, 768)])
+def test_silu_and_mul_prologue_equals_activation_then_gemv(n, k, dtype):
+    from miniengine.kernels.fused_ops import silu_and_mul
+
+    g = torch.Generator().manual_seed(n * 7 + k)
+    weight = (torch.randn(n, k, generator=g) / k**0.5).to(DEVICE, dtype)
+    gate_up = (2 * torch.randn(1, 2 * k, generator=g)).to(DEVICE, dtype)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 2e-2}
+    for block in triton_gemv.CANDIDATES:
+        triton_gemv._chosen[(n, k, dtype, gate_up.device)] = block
+        y = triton_gemv.gemv_silu_and_mul(gate_up, weight)
+        torch.testing.assert_close(y.float(), reference(silu_and_mul(gate_up), weight), **tolerance)
+    triton_gemv._chosen.clear()
+    with pytest.raises(ValueError, match=rf"x \[1, {2 * k}\]"):
+        triton_gemv.gemv_silu_and_mul(gate_up[:, :k], weight)
+
+
+def test_decoder_layer_fuses_only_one_row_steps():
+    """A Llama layer with GEMV views attached: a one-row step (both norms and the activation fused into the
+    GEMVs) and a three-row step (separate kernels) give the layer's plain outputs."""
+    from types import SimpleNamespace
+
+    from miniengine.forward_context import ForwardContext, Kernels, set_forward_context
+    from miniengine.models.layers import RMSNorm
+    from miniengine.models.llama import LlamaMLP
+
+    torch.manual_seed(0)
+    config = SimpleNamespace(hidden_size=64, intermediate_size=96, hidden_act="silu")
+    with set_forward_context(ForwardContext(None, Kernels("torch", None, None))):
+        norm, mlp = RMSNorm(64, 1e-6), LlamaMLP(config)
+        norm.weight.data.uniform_(0.5, 1.5)
+        model = torch.nn.ModuleList([norm, mlp]).to(DEVICE)
+        x, residual = torch.randn(3, 64, device=DEVICE), torch.randn(3, 64, device=DEVICE)
+        with torch.no_grad():
+            plain = [norm.then(mlp.gate_up_proj, x[i : i + 1], residual[i : i + 1]) for i in range(3)]
+            plain_down = [mlp.down(gu) for gu, _ in plain]
+            assert attach_gemv(model) == 2
+            for i, ((gu, res), down) in enumerate(zip(plain, plain_down)):
+                fused_gu, fused_res = norm.then(mlp.gate_up_proj, x[i : i + 1], residual[i : i + 1])
+                assert torch.equal(fused_res, res)
+                torch.testing.assert_close(fused_gu, gu, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(mlp.down(gu), down, rtol=1e-5, atol=1e-5)
+            three, three_res = norm.then(mlp.gate_up_proj, x, residual)
+            torch.testing.assert_close(three, torch.cat([gu for gu, _ in plain]), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(three_res, torch.cat([r for _, r in plain]))
+
+
 def test_bad_inputs_raise():
     weight = torch.randn(8, 16, device=DEVICE)
     with pytest.raises(ValueError, match=r"x \[1, 16\]"):
@@ -67,3 +139,13 @@ def test_gpu_real_shapes(n, k):
     weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(gemv(x, weight).float(), reference(x, weight), rtol=1e-2, atol=2e-2)
+    from miniengine.kernels.fused_ops import rms_norm, silu_and_mul
+
+    residual, norm_weight = torch.randn_like(x), 1 + torch.randn(k, device="cuda", dtype=torch.bfloat16) / 4
+    y, new_residual = triton_gemv.gemv_rms_norm(x, residual, norm_weight, 1e-6, weight)
+    normed, expected = rms_norm(x, norm_weight, 1e-6, residual)
+    assert torch.equal(new_residual, expected)
+    torch.testing.assert_close(y.float(), reference(normed, weight), rtol=1e-2, atol=2e-2)
+    gate_up = 2 * torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16)
+    y = triton_gemv.gemv_silu_and_mul(gate_up, weight)
+    torch.testing.assert_close(y.float(), reference(silu_and_mul(gate_up), weight), rtol=1e-2, atol=2e-2)
