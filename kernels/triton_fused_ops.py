@@ -4,6 +4,7 @@ graphs capture them; same signatures and results as their references in `fused_o
     rms_norm      one program per row: (x + residual) -> new residual, then w * x / rms(x)
     rotary        one program per token: every q and k head's two halves rotated in place
     qk_norm_rotary  the same program, each head first RMS-normalised (Qwen3): three launches become one
+    rotary_store  either of them, also writing each token's rotated K and its V into the KV cache (store_kv)
     silu_and_mul  one program per (token, column block): silu(gate) * up
 
 Each computes in float32 and rounds where the reference rounds (after the residual add, before the weight,
@@ -90,7 +91,27 @@ def qk_norm_rotary(
     return _rotary(positions, q, k, cos, sin, q_weight, k_weight, eps)
 
 
-def _rotary(positions, q, k, cos, sin, q_weight, k_weight, eps):
+def rotary_store(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+    sin: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> None:  # fmt: skip
+    """`rotary` (after `qk_norm_rotary`'s per-head norms when q_weight / k_weight are given) and then
+    `store_kv(k, v, k_cache, v_cache, slot_mapping)`, in one launch: each token's program writes its rotated
+    K heads, and its V heads, into their cache slot as well (a negative slot: not stored)."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if v.shape != k.shape or k_cache.shape[2:] != k.shape[1:] or v_cache.shape != k_cache.shape:
+        raise ValueError(f"k {tuple(k.shape)}, v {tuple(v.shape)} do not fit caches {tuple(k_cache.shape)}, "
+                         f"{tuple(v_cache.shape)} ([num_blocks, block_size, num_kv_heads, head_dim])")  # fmt: skip
+    if slot_mapping.shape[0] != num_tokens:
+        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} slots for {num_tokens} tokens")
+    if v.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("rotary_store needs v and the KV cache contiguous in head_dim")
+    store = (v, k_cache, v_cache, slot_mapping)
+    _rotary(positions, q, k, cos, sin, q_weight, k_weight, eps, store)
+
+
+def _rotary(positions, q, k, cos, sin, q_weight, k_weight, eps, store=None):
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if k.shape[0] != num_tokens or k.shape[2] != head_dim or head_dim % 2 or cos.shape[-1] * 2 != head_dim:
@@ -103,19 +124,25 @@ def _rotary(positions, q, k, cos, sin, q_weight, k_weight, eps):
     if num_tokens:
         half = head_dim // 2
         norm = q_weight is not None
+        v, k_cache, v_cache, slots = store if store is not None else (k, k, k, positions)
+        cache_strides = k_cache.stride()[:3] if store is not None else (0, 0, 0)
         _rotary_kernel[(num_tokens,)](
             positions, q, k, cos.contiguous(), sin.contiguous(), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             q_weight if norm else q, k_weight if norm else k, eps,
+            v, v.stride(0), v.stride(1), k_cache, v_cache, slots, *cache_strides, v_cache.stride(0), v_cache.stride(1),
+            v_cache.stride(2) if store is not None else 0,
             HALF=half, HALF_PAD=triton.next_power_of_2(half), NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
-            HEADS_PAD=triton.next_power_of_2(max(num_heads, num_kv_heads)), NORM=norm,
+            HEADS_PAD=triton.next_power_of_2(max(num_heads, num_kv_heads)), NORM=norm, STORE=store is not None,
+            BLOCK_SIZE=k_cache.shape[1] if store is not None else 1,
         )  # fmt: skip
     return q, k
 
 
 @triton.jit
 def _rotate_heads(
-    ptr, stride_h, c, s, w_ptr, eps,
+    ptr, stride_h, c, s, w_ptr, eps, cache_ptr, stride_ch, slot,
     NUM: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, HEADS_PAD: tl.constexpr, NORM: tl.constexpr,
+    STORE: tl.constexpr,
 ):  # fmt: skip
     heads = tl.arange(0, HEADS_PAD)[:, None]
     cols = tl.arange(0, HALF_PAD)[None, :]
@@ -130,15 +157,23 @@ def _rotate_heads(
         w2 = tl.load(w_ptr + HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)
         a = (w1 * (a * r).to(x1.dtype).to(tl.float32)).to(x1.dtype).to(tl.float32)
         b = (w2 * (b * r).to(x1.dtype).to(tl.float32)).to(x1.dtype).to(tl.float32)
-    tl.store(first, (a * c - b * s).to(x1.dtype), mask=mask)
-    tl.store(first + HALF, (b * c + a * s).to(x1.dtype), mask=mask)
+    y1, y2 = (a * c - b * s).to(x1.dtype), (b * c + a * s).to(x1.dtype)
+    tl.store(first, y1, mask=mask)
+    tl.store(first + HALF, y2, mask=mask)
+    if STORE:  # K heads also go to their cache slot, unless it is negative
+        cached = cache_ptr + heads * stride_ch + cols
+        mask = mask & (heads * 0 + slot >= 0)  # (a scalar broadcast by arithmetic: the interpreter wants it)
+        tl.store(cached, y1, mask=mask)
+        tl.store(cached + HALF, y2, mask=mask)
 
 
 @triton.jit
 def _rotary_kernel(
     pos_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh, q_w_ptr, k_w_ptr, eps,
+    v_ptr, stride_vt, stride_vh, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
-    HEADS_PAD: tl.constexpr, NORM: tl.constexpr,
+    HEADS_PAD: tl.constexpr, NORM: tl.constexpr, STORE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):  # fmt: skip
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + token).to(tl.int64)
@@ -147,8 +182,21 @@ def _rotary_kernel(
     s = tl.load(sin_ptr + pos * HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
     q = q_ptr + token * stride_qt
     k = k_ptr + token * stride_kt
-    _rotate_heads(q, stride_qh, c, s, q_w_ptr, eps, NUM_HEADS, HALF, HALF_PAD, HEADS_PAD, NORM)
-    _rotate_heads(k, stride_kh, c, s, k_w_ptr, eps, NUM_KV_HEADS, HALF, HALF_PAD, HEADS_PAD, NORM)
+    if STORE:
+        slot = tl.load(slot_ptr + token).to(tl.int64)
+    else:
+        slot = token
+    k_cached = k_cache_ptr + (slot // BLOCK_SIZE) * stride_kcb + (slot % BLOCK_SIZE) * stride_kcs
+    _rotate_heads(q, stride_qh, c, s, q_w_ptr, eps, q, 0, 0, NUM_HEADS, HALF, HALF_PAD, HEADS_PAD, NORM, False)
+    _rotate_heads(k, stride_kh, c, s, k_w_ptr, eps, k_cached, stride_kch, slot,
+                  NUM_KV_HEADS, HALF, HALF_PAD, HEADS_PAD, NORM, STORE)  # fmt: skip
+    if STORE:  # V as it is, into the same slot
+        heads = tl.arange(0, HEADS_PAD)[:, None]
+        dims = tl.arange(0, 2 * HALF_PAD)[None, :]
+        mask = (heads < NUM_KV_HEADS) & (dims < 2 * HALF) & (heads * 0 + slot >= 0)
+        v = tl.load(v_ptr + token * stride_vt + heads * stride_vh + dims, mask=mask)
+        v_cached = v_cache_ptr + (slot // BLOCK_SIZE) * stride_vcb + (slot % BLOCK_SIZE) * stride_vcs
+        tl.store(v_cached + heads * stride_vch + dims, v, mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

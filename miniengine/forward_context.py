@@ -58,6 +58,9 @@ class Kernels:
     # (positions, q, k, q_weight, k_weight, eps, cos, sin): Qwen3's q/k RMSNorm fused into rotary; None runs
     # rms_norm twice, then rotary
     qk_norm_rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    # (positions, q, k, v, cos, sin, q_weight | None, k_weight | None, eps, k_cache, v_cache, slot_mapping):
+    # rotary (Qwen3's q/k norms first when the weights are given), then store_kv, in one kernel; None: apart
+    rotary_store: Callable[..., None] | None = None
 
 
 @dataclass(slots=True)

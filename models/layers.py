@@ -79,6 +79,21 @@ class RotaryEmbedding(nn.Module):
             return kernels.rotary(positions, q_norm(q), k_norm(k), self.cos, self.sin)
         return kernels.qk_norm_rotary(positions, q, k, q_norm.weight, k_norm.weight, q_norm.eps, self.cos, self.sin)
 
+    def rotate_into_cache(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        norms: tuple[RMSNorm, RMSNorm] | None, attention: Attention,
+    ) -> bool:  # fmt: skip
+        """`forward`, then `attention`'s store of k and v into its KV cache, in one kernel where the platform
+        has one (False: it has none, and nothing was done)."""
+        context = get_forward_context()
+        fused = context.kernels.rotary_store
+        if fused is None:
+            return False
+        weights, eps = ((norms[0].weight, norms[1].weight), norms[0].eps) if norms else ((None, None), 0.0)
+        fused(positions, q, k, v, self.cos, self.sin, *weights, eps, attention.k_cache, attention.v_cache,
+              context.attn_metadata.slot_mapping)  # fmt: skip
+        return True
+
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     """Llama 3.1's frequency-dependent stretch: long wavelengths slowed by `factor`, short ones kept."""
@@ -103,7 +118,10 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D], k and v [T, Hkv, D] -> [T, Hq * D]."""
         context = get_forward_context()
-        meta = context.attn_metadata
-        context.kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        out = context.kernels.attend(q, self.k_cache, self.v_cache, meta, self.scale)
-        return out.flatten(1)
+        context.kernels.store_kv(k, v, self.k_cache, self.v_cache, context.attn_metadata.slot_mapping)
+        return self.attend(q)
+
+    def attend(self, q: torch.Tensor) -> torch.Tensor:
+        """`forward` once this step's K and V are in the cache."""
+        context = get_forward_context()
+        return context.kernels.attend(q, self.k_cache, self.v_cache, context.attn_metadata, self.scale).flatten(1)

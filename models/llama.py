@@ -73,7 +73,10 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb(positions, q, k, (self.q_norm, self.k_norm) if self.qk_norm else None)
+        norms = (self.q_norm, self.k_norm) if self.qk_norm else None
+        if self.rotary_emb.rotate_into_cache(positions, q, k, v, norms, self.attn):  # one kernel where fused
+            return self.o_proj(self.attn.attend(q))
+        q, k = self.rotary_emb(positions, q, k, norms)
         return self.o_proj(self.attn(q, k, v))
 
 

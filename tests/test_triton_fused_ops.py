@@ -115,6 +115,41 @@ def test_qk_norm_rotary_in_place(dtype, device="cpu", tokens=5, heads=4, kv_head
     close(out_k, expected[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("head_dim", "norm"), [(64, False), (96, True)])
+def test_rotary_store_equals_rotary_then_store_kv(dtype, head_dim, norm, device="cpu", tokens=7, heads=4, kv_heads=2):
+    """Rotary (with Qwen3's norms or not) and the KV store in one kernel: q and k as rotary leaves them, the
+    cache as store_kv fills it (rotated K, V as is) in slots across blocks, a negative slot skipped, every
+    other cache entry untouched."""
+    from miniengine.kernels.paged_attention import store_kv
+
+    qkv = randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device=device) * 2
+    q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
+    k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    v = qkv[:, (heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
+    weights = (randn(head_dim, dtype=dtype, device=device, seed=3), randn(head_dim, dtype=dtype, device=device, seed=4))
+    weights = weights if norm else (None, None)
+    angles = torch.outer(torch.arange(64, dtype=torch.float32), 1.0 / 500 ** (torch.arange(0, head_dim, 2) / head_dim))
+    cos, sin = angles.cos().to(device), angles.sin().to(device)
+    positions = torch.tensor([3, 63, 5, 17, 40, 0, 9], device=device)[:tokens]
+    slots = torch.tensor([5, 31, -1, 8, 16, 2, 30], device=device)[:tokens]  # block size 8: four blocks
+    k_cache, v_cache = (randn(4, 8, kv_heads, head_dim, dtype=dtype, device=device, seed=s) for s in (5, 6))
+    expected_cache = [k_cache.clone(), v_cache.clone()]
+    if norm:
+        expected_q, expected_k = fused_ops.qk_norm_rotary(positions, q.clone(), k.clone(), *weights, 1e-6, cos, sin)
+    else:
+        expected_q, expected_k = fused_ops.rotary(positions, q.clone(), k.clone(), cos, sin)
+    keep = slots >= 0
+    store_kv(expected_k[keep], v[keep], *expected_cache, slots[keep])
+    tfo.rotary_store(positions, q, k, v, cos, sin, *weights, 1e-6, k_cache, v_cache, slots)
+    close(q, expected_q)
+    close(k, expected_k)
+    close(k_cache, expected_cache[0])
+    assert torch.equal(v_cache, expected_cache[1])
+    with pytest.raises(ValueError, match="slot_mapping"):
+        tfo.rotary_store(positions, q, k, v, cos, sin, *weights, 1e-6, k_cache, v_cache, slots[:3])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_and_mul(dtype, device="cpu"):
     x = randn(3, 2, 2 * 1100, dtype=dtype, device=device)  # two column blocks, the second partial
@@ -143,5 +178,6 @@ def test_gpu_real_sizes(dtype):
     test_rms_norm_with_and_without_residual(dtype, "cuda", tokens=300, hidden=4096)
     test_rotary_in_place_on_views(dtype, "cuda", tokens=300, heads=32, kv_heads=8, head_dim=128)
     test_qk_norm_rotary_in_place(dtype, "cuda", tokens=300, heads=16, kv_heads=8, head_dim=128)
+    test_rotary_store_equals_rotary_then_store_kv(dtype, 128, True, "cuda", tokens=7, heads=16, kv_heads=8)
     x = randn(300, 2 * 14336, dtype=dtype, device="cuda")
     close(tfo.silu_and_mul(x), fused_ops.silu_and_mul(x))

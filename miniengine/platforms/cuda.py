@@ -53,7 +53,7 @@ class CudaPlatform(Platform):
         from miniengine.kernels.triton_paged_attention import paged_attention, store_kv
 
         return Kernels("triton", store_kv, paged_attention, ops.rms_norm, ops.rotary, ops.silu_and_mul,
-                       triton_moe.fused_moe, ops.qk_norm_rotary)  # fmt: skip
+                       triton_moe.fused_moe, ops.qk_norm_rotary, ops.rotary_store)  # fmt: skip
 
     def memory_info(self) -> tuple[int, int]:
         return torch.cuda.mem_get_info()
