@@ -17,7 +17,8 @@ few candidates and keeps the fastest (a few milliseconds, once, before any CUDA 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -36,6 +37,9 @@ class GemvWeight:
     weight: torch.Tensor
     nbytes: int = 0  # no second copy
     max_rows: int = 1
+    # the layers may run the op before the matmul inside it (`normed_matmul`, `silu_matmul`); turned off by
+    # MINIENGINE_CUDA_FUSE=0, as the rotary + KV store kernel is (to measure what fusing gives)
+    fuses: bool = field(default_factory=lambda: fusing())
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return gemv(x, self.weight)
@@ -47,6 +51,13 @@ class GemvWeight:
 
     def silu_matmul(self, x: torch.Tensor) -> torch.Tensor:
         return gemv_silu_and_mul(x, self.weight)
+
+
+def fusing() -> bool:
+    flag = os.environ.get("MINIENGINE_CUDA_FUSE", "1")
+    if flag not in ("0", "1"):
+        raise ValueError(f"MINIENGINE_CUDA_FUSE={flag!r} is not 0 (separate kernels) or 1 (fused)")
+    return flag == "1"
 
 
 # What each program does to x as it loads it (the op before the matmul, fused so it needs no launch):

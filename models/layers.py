@@ -43,7 +43,7 @@ class RMSNorm(nn.Module):
 def fused_prologue(linear: nn.Module, x: torch.Tensor, name: str):
     """The packed weight's fused form `name` of `linear` (see `RMSNorm.then`) when it takes x's rows; else None."""
     packed = getattr(linear, "packed_weight", None)
-    if packed is None or x.dim() != 2 or x.shape[0] > packed.max_rows:
+    if packed is None or not getattr(packed, "fuses", False) or x.dim() != 2 or x.shape[0] > packed.max_rows:
         return None
     return getattr(packed, name, None)
 
