@@ -20,10 +20,14 @@ near the diagonal, are masked.
 
 Flash-decoding: a decode has one query token, so a batch of a few long sequences would give too few
 programs to fill the GPU. The keys are then split across programs; each writes its partial output and
-log-sum-exp, and a small reduce kernel merges them (weights exp(lse_s - max lse)):
+log-sum-exp, and the last of them to finish merges them (weights exp(lse_s - max lse)); it knows it is
+last from a counter per (tile, KV head) that each program increments once its partials are written, and
+sets the counter back to 0 for the next launch. No second kernel: at one sequence a launch costs as much
+as the merge.
 
     keys  |-------- split 0 --------|-------- split 1 --------|---- split 2 ----|
             (o0, lse0)                (o1, lse1)                (o2, lse2)   ->  o = sum_s w_s o_s / sum_s w_s
+                                      counter 0 -> 1 -> 2 -> 3: the program that saw 2 merges, counter = 0
 
 The grid depends only on host integers (number of tokens, sequences, KV heads, splits): every program
 reads its sequence's lengths on the device, so a captured CUDA graph replays right for any `seq_lens`.
@@ -182,13 +186,14 @@ def paged_attention(
     num_splits = plan.num_splits
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if num_splits == 1:
-        part_out = part_lse = out  # unused
+        part_out = part_lse = counters = out  # unused
     else:
         part_out = torch.empty(num_splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=out.device)
         part_lse = torch.empty(num_splits, num_tokens, num_heads, dtype=torch.float32, device=out.device)
+        counters = _split_counters(out.device, plan.num_tiles * num_kv_heads)
     block_tables = metadata.block_tables
     _paged_attention_kernel[(plan.num_tiles, num_kv_heads, num_splits)](
-        out, part_out, part_lse, query, k_cache, v_cache,
+        out, part_out, part_lse, counters, query, k_cache, v_cache,
         block_tables, metadata.query_start_loc, metadata.seq_lens,
         scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
         num_seqs, num_splits,
@@ -207,14 +212,21 @@ def paged_attention(
         OFFSETS_32=not plan.decode and max(_span(k_cache), _span(v_cache)) <= MAX_INT32_SPAN,
         num_warps=plan.config.num_warps, num_stages=plan.config.num_stages,
     )  # fmt: skip
-    if num_splits > 1:
-        _merge_splits_kernel[(num_tokens, num_kv_heads)](
-            out, part_out, part_lse, num_splits, out.stride(0), out.stride(1),
-            num_tokens * num_heads * head_dim, num_tokens * num_heads,
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), GROUP=group,
-            GROUP_PAD=triton.next_power_of_2(group),
-        )  # fmt: skip
     return out
+
+
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, needed: int) -> torch.Tensor:
+    """The zeroed int32 counters of the split merge, one per (tile, KV head), shared by every launch on the
+    device (each leaves them at 0). Made outside any CUDA graph capture: a graph's warm-up run comes first."""
+    counters = _counters.get(device)
+    if counters is None or counters.numel() < needed:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("paged_attention: run a split step of this size once before capturing it")
+        counters = _counters[device] = torch.zeros(max(needed, 4096), dtype=torch.int32, device=device)
+    return counters
 
 
 def _span(t: torch.Tensor) -> int:
@@ -296,7 +308,7 @@ def _attend_keys(
 
 @triton.jit(do_not_specialize=["num_seqs", "num_splits"])
 def _paged_attention_kernel(
-    out_ptr, part_out_ptr, part_lse_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr, counters_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
     block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
     scale_log2, num_seqs, num_splits,
     stride_qt, stride_qh, stride_ot, stride_oh,
@@ -367,38 +379,42 @@ def _paged_attention_kernel(
         )  # fmt: skip
 
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no key seen (seq_len 0, empty split): zeros
+    o_ptrs = out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
     if SPLIT:
         # Partials are [split, token, head, dim] (lse: [split, token, head]), contiguous.
         heads = tl.num_programs(1) * GROUP
-        part = split.to(tl.int64) * stride_part + (token * heads + head) * HEAD_DIM
+        row = token * heads + head  # (token, head) in the partials
+        part = split.to(tl.int64) * stride_part + row * HEAD_DIM
         tl.store(part_out_ptr + part[:, None] + dims[None, :], acc, mask=q_mask)
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
-        tl.store(part_lse_ptr + split.to(tl.int64) * (stride_part // HEAD_DIM) + token * heads + head, lse, mask=row_ok)
+        tl.store(part_lse_ptr + split.to(tl.int64) * (stride_part // HEAD_DIM) + row, lse, mask=row_ok)
+        # Every thread's partials written, then one arrival (release: they are visible to whoever sees it).
+        tl.debug_barrier()
+        counter = counters_ptr + tl.program_id(0) * tl.num_programs(1) + kv_head
+        if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:  # the last split of this tile: merge
+            tl.atomic_xchg(counter, 0)
+            merged = _merge_splits(part_out_ptr, part_lse_ptr, row, dims, row_ok, q_mask, num_splits, stride_part,
+                                   HEAD_DIM, BLOCK_M, HEAD_DIM_PAD)  # fmt: skip
+            tl.store(o_ptrs, merged.to(out_ptr.dtype.element_ty), mask=q_mask)
     else:
-        o_ptrs = out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
-def _merge_splits_kernel(
-    out_ptr, part_out_ptr, part_lse_ptr, num_splits, stride_ot, stride_oh, stride_part, stride_lse,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+@triton.jit
+def _merge_splits(
+    part_out_ptr, part_lse_ptr, row, dims, row_ok, mask, num_splits, stride_part,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
 ):  # fmt: skip
-    """out[token, head] = sum_s w_s o_s / sum_s w_s, w_s = exp2(lse_s - max lse), for one KV head's query heads."""
-    token = tl.program_id(0).to(tl.int64)
-    group = tl.arange(0, GROUP_PAD)
-    head = tl.program_id(1) * GROUP + group
-    dims = tl.arange(0, HEAD_DIM_PAD)
-    mask = (group < GROUP)[:, None] & (dims < HEAD_DIM)[None, :]
-    row = token * tl.num_programs(1) * GROUP + head  # (token, head) in the partials
+    """out[row] = sum_s w_s o_s / sum_s w_s, w_s = exp2(lse_s - max lse): the online softmax again, one split's
+    (o, lse) at a time. Loads go through L2 only (.cg): other programs wrote them, an SM's L1 may hold old ones."""
     lse_ptrs = part_lse_ptr + row
     part_ptrs = part_out_ptr + row[:, None] * HEAD_DIM + dims[None, :]
-    top = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
-    for _ in range(num_splits):  # the online softmax again, one split's (o, lse) at a time
-        lse = tl.load(lse_ptrs, mask=group < GROUP, other=float("-inf"))
-        part = tl.load(part_ptrs, mask=mask, other=0.0)
+    top = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    for _ in range(num_splits):
+        lse = tl.load(lse_ptrs, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+        part = tl.load(part_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
         new_top = tl.maximum(top, lse)
         safe = tl.where(new_top == float("-inf"), 0.0, new_top)  # every split so far empty: weights stay 0
         alpha = tl.math.exp2(top - safe)
@@ -406,11 +422,9 @@ def _merge_splits_kernel(
         acc = acc * alpha[:, None] + part * weight[:, None]
         total = total * alpha + weight
         top = new_top
-        lse_ptrs += stride_lse  # pointers, not split * stride: 64-bit offsets for large partials
+        lse_ptrs += stride_part // HEAD_DIM  # pointers, not split * stride: 64-bit offsets for large partials
         part_ptrs += stride_part
-    merged = acc / tl.where(total == 0.0, 1.0, total)[:, None]
-    o_ptrs = out_ptr + token * stride_ot + head[:, None] * stride_oh + dims[None, :]
-    tl.store(o_ptrs, merged.to(out_ptr.dtype.element_ty), mask=mask)
+    return acc / tl.where(total == 0.0, 1.0, total)[:, None]
 
 
 def store_kv(
