@@ -147,7 +147,7 @@ def _pack_with(layout: tuple[str, int], q: torch.Tensor) -> torch.Tensor:
     else:  # row 2j with row 2j + 1 (no vector unit)
         q = q.view(n // block, block // 2, 2, k)
         low, high = q[:, :, 0], q[:, :, 1]
-    return (low | (high << 4)).transpose(1, 2).reshape(n, k // 2)
+    return (low | (high << 4)).transpose(1, 2).reshape(n, k // 2).contiguous()  # one block: reshape makes a view
 
 
 @functools.cache
