@@ -293,7 +293,7 @@ def run_engine_process(
         EngineLoop(engine, deltas=True).run(receive, report)
         report(Report(), last=True)
         engine.shutdown()
-    except EOFError:
+    except (EOFError, BrokenPipeError):
         os._exit(0)  # the front end is gone: nobody is left to serve
     except BaseException as error:
         _fail(reports, error)
