@@ -13,11 +13,14 @@ nothing, yet the sampled tokens vary), and the bundled SmolLM2 tokenizer so deto
 Each prompt has 512 random token ids; each sequence makes 128 tokens (greedy, ignore_eos), once through
 `generate` (outputs of finished requests only), once through a loop of `step()` (every request's output
 every step, as a server's loop in a thread asks), and once through a loop of `step_deltas()` with each
-step's deltas pickled (what an engine process does per step; its front end turns the deltas into text and
-outputs, output_processor.py). Only pure decode steps are counted. `step_ms` is the wall time of
-Engine.step(); `model_ms` the part spent in the (stub) forward and the logits; `host_ms` = step_ms - model_ms
-is what a GPU step adds on the host, and what async scheduling hides behind the GPU. Medians over the decode
-steps of one timed run, after a warm-up run; the profile (decode steps of `step()`) is of another run.
+step's delta pickled as the engine process writes it (what an engine process does per step), then read back
+and turned into text and outputs by an OutputProcessor (what its front end, the HTTP process, does per step:
+`front_end_ms`; `message_bytes` is the pickled message). Only pure decode steps are counted. `step_ms` is
+the wall time of Engine.step(); `model_ms` the part spent in the (stub) forward and the logits; `host_ms` =
+step_ms - model_ms is what a GPU step adds on the host, and what async scheduling hides behind the GPU.
+Medians over the decode steps of one timed run, after a warm-up run; the profile (decode steps of `step()`)
+is of another run. The same code measures an older checkout (`--baseline`): one whose engine process
+pickled a list of per-request tuples instead of a StepDelta's `to_wire`.
 Writes bench/results/host-step-<device>-<date>.json (or --out).
 """
 
@@ -49,6 +52,19 @@ from roofline import cpu_model  # noqa: E402
 
 from miniengine import Engine, SamplingParams  # noqa: E402
 from miniengine.loader import open_checkpoint  # noqa: E402
+from miniengine.output_processor import OutputProcessor  # noqa: E402
+
+try:  # how this checkout's engine process writes a step's delta, and its front end reads it
+    from miniengine.engine_process import from_wire, to_wire
+
+    def write_message(delta) -> bytes:
+        return pickle.dumps(to_wire(delta), pickle.HIGHEST_PROTOCOL)
+
+    def read_message(message: bytes):
+        return from_wire(pickle.loads(message))
+
+except ImportError:  # before StepDelta: a list of per-request tuples, pickled by Connection.send
+    write_message, read_message = pickle.dumps, pickle.loads  # type: ignore[assignment]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # generate: outputs only of finished requests (an offline run); step: every request's output every step
@@ -107,7 +123,7 @@ class Timer:
         model.forward, model.compute_logits = timed(forward), timed(logits)
         engine._step, engine.scheduler.schedule = timed_step, timed_schedule
         if step_deltas is not None:  # the message's pickling counts: the engine process's sender thread does it
-            engine.step_deltas = recorded(lambda: pickle.dumps(step_deltas()))
+            engine.step_deltas = recorded(lambda: write_message(step_deltas()))
 
     def decode_figures(self) -> dict:
         decodes = [(s, m) for s, m, decode in self.steps if decode]
@@ -121,11 +137,11 @@ class Timer:
 
 def stub_forward(engine: Engine) -> None:
     """The model's forward returns random hidden states: it costs nothing, and greedy tokens still vary."""
-    width = engine.hf_config.hidden_size
+    width, dtype = engine.hf_config.hidden_size, engine.dtype  # the CPU's default dtype may be bfloat16
     generator = torch.Generator().manual_seed(0)
 
     def forward(input_ids: torch.Tensor, positions: torch.Tensor, **extra) -> torch.Tensor:
-        return torch.randn(len(input_ids), width, generator=generator, device=input_ids.device)
+        return torch.randn(len(input_ids), width, generator=generator, device=input_ids.device).to(dtype)
 
     engine.runner.model.forward = forward
 
@@ -133,6 +149,7 @@ def stub_forward(engine: Engine) -> None:
 def setup(batch: int, prompt_len: int, output_len: int) -> tuple[Engine, list[list[int]], SamplingParams]:
     """The tiny engine (stub forward), `batch` random prompts, and the sampling parameters."""
     torch.set_num_threads(1)  # one thread keeps the figures steady on a shared machine
+    os.environ.setdefault("MINIENGINE_CPU_COMPILE", "0")  # nothing to compile: the forward is a stub
     directory = tiny_model(Path(tempfile.mkdtemp()))
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 512) for _ in range(prompt_len)] for _ in range(batch)]
@@ -156,15 +173,29 @@ def measure(batches: list[int], prompt_len: int, output_len: int) -> dict:
             if mode == "deltas" and not hasattr(engine, "step_deltas"):
                 continue
             timer.steps.clear()
+            front_end: list[tuple[float, int, bool]] = []  # per step: seconds, message bytes, a decode step
             if mode == "generate":
                 engine.generate(prompts[:n], params, use_tqdm=False)
             else:
                 for prompt in prompts[:n]:
                     engine.add_request(prompt, params)
+                processor = OutputProcessor(engine.tokenizer)
                 while engine.has_unfinished():
-                    engine.step() if mode == "step" else engine.step_deltas()
+                    if mode == "step":
+                        engine.step()
+                        continue
+                    message = engine.step_deltas()
+                    start = time.perf_counter()
+                    outputs, stops = processor.process(read_message(message))
+                    front_end.append((time.perf_counter() - start, len(message), timer.steps[-1][2]))
+                    for request_id, index in stops:
+                        engine.finish_sample(request_id, index)
             engine.reset_prefix_cache()
-            out["rows"].append({"batch": n, "mode": mode, **timer.decode_figures()})
+            row = {"batch": n, "mode": mode, **timer.decode_figures()}
+            if front_end:
+                row["front_end_ms"] = 1e3 * statistics.median(s for s, _, decode in front_end if decode)
+                row["message_bytes"] = statistics.median(b for _, b, decode in front_end if decode)
+            out["rows"].append(row)
     return out
 
 
@@ -242,12 +273,14 @@ def main() -> None:
     result["load_average"] = {"before": load_before, "after": [round(x, 2) for x in os.getloadavg()]}
     print(
         f"{'miniengine':10} {'mode':8} {'batch':>5} {'step ms':>8} {'model ms':>9} {'host ms':>8} {'host us/seq':>11}"
+        f" {'front end ms':>12} {'message B':>9}"
     )
     for label in ("before", "after"):
         for row in result.get(label, {}).get("rows", []):
             per_seq = 1e3 * row["host_ms"] / row["batch"]
+            front = f"{row['front_end_ms']:12.3f} {row['message_bytes']:9.0f}" if "front_end_ms" in row else ""
             print(f"{label:10} {row.get('mode', 'generate'):8} {row['batch']:5} {row['step_ms']:8.3f} "
-                  f"{row['model_ms']:9.3f} {row['host_ms']:8.3f} {per_seq:11.1f}")  # fmt: skip
+                  f"{row['model_ms']:9.3f} {row['host_ms']:8.3f} {per_seq:11.1f} {front}")  # fmt: skip
     if "profile" in result["after"]:
         print(result["after"]["profile"])
     device = re.sub(r"[^a-z0-9]+", "-", result["device"]["cpu"].lower()).strip("-")[:40]

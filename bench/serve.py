@@ -4,7 +4,8 @@ same workload through the offline `Engine.generate`, so the cost of serving over
     workload: N requests, random token-id prompts and output lengths (seeded), ignore_eos, greedy; a warm-up
               of the same shapes (other tokens) runs first, untimed, in both modes
     arrivals: Poisson at --request-rate (inf: all at once), at most --max-concurrency in flight
-    client:   POST /v1/completions, stream: true; per request: TTFT, the gaps between chunks (ITL), latency
+    client:   POST /v1/completions, stream: true; per request: TTFT, the gaps between chunks (ITL), latency,
+              and when its response headers came (the server took it: the engine has queued it)
     offline:  the server stopped, one Engine in this process, generate() on the same prompts (--no-offline skips)
     servers:  `miniengine serve` as it runs by default, its engine loop in a process of its own (row "server");
               --server-modes process,thread adds a server whose loop is a thread of the HTTP process (row "thread")
@@ -19,7 +20,10 @@ offline engine. Writes bench/results/serve-<device>-<date>.json: device, command
 per mode (request throughput, output tokens/s, TTFT / ITL / latency percentiles, ratio to the roofline floor,
 CPU microseconds per output token of the server, its engine process and the clients)
 and `server_over_offline`, the fraction of offline output tokens/s the server keeps (`thread_over_offline` too,
-with the thread mode).
+with the thread mode). Where TTFT goes: `accepted_ms` is the time from the first request sent until the
+server had accepted them all (the last response headers: the burst's intake, with --request-rate inf), and
+`engine_ttft_mean_ms` the engine's own mean TTFT over the run (arrival in the engine to first token, from the
+server's /metrics), beside the clients' `ttft_ms`.
 """
 
 from __future__ import annotations
@@ -100,11 +104,13 @@ async def one_request(url: SplitResult, model: str, prompt: list[int], max_token
     )
     start = time.perf_counter()
     chunks: list[float] = []
+    accepted = start
     output_tokens, done = 0, False
     reader, writer = await asyncio.open_connection(url.hostname, url.port or 80)
     try:
         writer.write(head.encode() + body)
         headers = await reader.readuntil(b"\r\n\r\n")
+        accepted = time.perf_counter()
         status = int(headers.split(b" ", 2)[1])
         if status != 200 or b"transfer-encoding: chunked" not in headers.lower():
             return {"error": f"{status}: {(await reader.read()).decode(errors='replace')[:200]}"}
@@ -138,6 +144,8 @@ async def one_request(url: SplitResult, model: str, prompt: list[int], max_token
         "latency": chunks[-1] - start,
         "output_tokens": output_tokens,
         "chunks": len(chunks),
+        "start": start,
+        "accepted": accepted,
     }
 
 
@@ -166,13 +174,13 @@ async def send_jobs(
     if barrier is not None:
         await asyncio.to_thread(barrier.wait)
     tasks = []
-    start, cpu = time.time(), time.process_time()
+    start, cpu = time.perf_counter(), time.process_time()
     for prompt, max_tokens in jobs:
         tasks.append(asyncio.create_task(limited(prompt, max_tokens)))
         if rate != float("inf"):
             await asyncio.sleep(rng.expovariate(rate))
     results = await asyncio.gather(*tasks)
-    return results, start, time.time(), time.process_time() - cpu
+    return results, start, time.perf_counter(), time.process_time() - cpu
 
 
 _barrier = None  # a client process's start line, shared with the others (set by the pool's initializer)
@@ -201,6 +209,7 @@ def run_online(
     has each process's CPU time per output token: the server's (HTTP, one asyncio thread), its engine
     process's (and any workers'), the clients' (summed), and how busy each was (CPU seconds per second)."""
     asyncio.run(send_jobs(base_url, model, warm_up, float("inf"), None, args.seed))
+    engine_ttft = _engine_ttft(base_url)
     n = max(1, min(args.client_processes, len(jobs)))
     concurrency = -(-args.max_concurrency // n) if args.max_concurrency else None
     server_cpu = _process_cpu(server_pid) if server_pid else None
@@ -218,6 +227,7 @@ def run_online(
             ]
             outs = [part.result() for part in parts]
     server_cpu = {k: v - server_cpu[k] for k, v in _process_cpu(server_pid).items()} if server_pid else {}
+    engine_ttft = [b - a for a, b in zip(engine_ttft, _engine_ttft(base_url))]
     results = [r for out, _, _, _ in outs for r in out]
     start, end = min(s for _, s, _, _ in outs), max(e for _, _, e, _ in outs)
     errors = [r["error"] for r in results if "error" in r]
@@ -232,6 +242,10 @@ def run_online(
         ttft_ms=_percentiles([1e3 * r["ttft"] for r in done]),
         itl_ms=_percentiles([1e3 * x for r in done for x in r["itl"]]),
         latency_ms=_percentiles([1e3 * r["latency"] for r in done]),
+        # With client processes, perf_counter is the machine's monotonic clock: comparable across them.
+        accepted_ms=1e3 * (max(r["accepted"] for r in done) - min(r["start"] for r in done)) if done else None,
+        accept_ms=_percentiles([1e3 * (r["accepted"] - r["start"]) for r in done]),
+        engine_ttft_mean_ms=1e3 * engine_ttft[0] / engine_ttft[1] if engine_ttft[1] else None,
         # A stream that falls behind gets several tokens in one chunk: the CPU per token depends on how many
         # chunks the server wrote for them.
         chunks_per_token=sum(r["chunks"] for r in done) / tokens,
@@ -240,6 +254,21 @@ def run_online(
         client_cpu_busy_max=max(c / (e - s) for _, s, e, c in outs),
     )
     return row
+
+
+def _engine_ttft(base_url: str) -> tuple[float, float]:
+    """The engine's TTFT histogram so far (seconds summed, count) from the server's /metrics."""
+    root = base_url.rstrip("/").removesuffix("/v1")
+    try:
+        text = httpx.get(root + "/metrics", timeout=30).text
+    except httpx.HTTPError:  # a server without /metrics: no engine figure
+        return 0.0, 0.0
+    figures = dict.fromkeys(("sum", "count"), 0.0)
+    for line in text.splitlines():
+        for name in figures:
+            if line.startswith(f"miniengine:time_to_first_token_seconds_{name}{{"):
+                figures[name] += float(line.rsplit(" ", 1)[1])
+    return figures["sum"], figures["count"]
 
 
 def _process_cpu(pid: int) -> dict[str, float]:
@@ -375,6 +404,13 @@ def print_table(result: dict) -> None:
                 + ", ".join(f"{k} {v:.1f} ({busy[k]:.0%} busy)" for k, v in row["cpu_us_per_token"].items())
                 + f" (clients: {row['client_processes']}, the busiest's share)"
                 + f"; {row['chunks_per_token']:.2f} chunks/token"
+            )
+    for name, row in result["rows"].items():
+        if row.get("accepted_ms") is not None:
+            engine = row.get("engine_ttft_mean_ms")
+            print(
+                f"{name}: the burst accepted in {row['accepted_ms']:.0f} ms; TTFT mean {row['ttft_ms']['mean']:.0f} ms"
+                + (f" at the client, {engine:.0f} ms in the engine" if engine is not None else "")
             )
     for row in ("server", "thread"):
         if f"{row}_over_offline" in result:

@@ -3,7 +3,7 @@
     add_request(prompt, params) -> tokenize -> n Sequences -> scheduler's waiting queue
     step():  scheduler.schedule() -> runner.run(batch) -> scheduler.step_done(batch)
              -> append each sampled token, check stop ids / EOS / max_tokens, free finished sequences' blocks
-             -> a TokenDelta per request that moved (its new token ids: `step_deltas` ends here)
+             -> one StepDelta: a row (seq id, token id) per sampled token, and the rare news (`step_deltas` ends here)
              -> OutputProcessor: detokenize, stop strings (`finish_sample` ends those) -> RequestOutputs
 
 On a GPU the first line is `AsyncScheduling.step()` instead (async_scheduling.py): it launches this step's
@@ -12,8 +12,9 @@ batch and returns the previous step's tokens, so the rest of the loop runs while
 `runner` is a ModelRunner, or with `tensor_parallel_size` > 1 a TensorParallelExecutor (distributed.py) that
 runs the same step on every rank and returns rank 0's tokens: this loop is the same either way.
 
-The text work sits behind the deltas (output_processor.py), so an engine process can leave all of it to its
-front end (engine_process.py): per token, the loop itself touches no strings.
+The text work sits behind the delta (output_processor.py), so an engine process can leave all of it to its
+front end (engine_process.py): per token, the loop itself touches no strings and builds no object; per
+request it only notes the first token (the request's start goes out with it) and the end.
 
 `generate`, `chat` and `stream` are loops over `step` for programs that do not run their own. A step
 moves every request, so when such a loop meets outputs of requests it did not add (a host's
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from array import array
 from collections.abc import Iterator, Set
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -37,7 +39,7 @@ from miniengine.config import EngineConfig
 from miniengine.extra_inputs import extra_input_specs, prepare_extra_inputs
 from miniengine.loader import Checkpoint, load_model, open_checkpoint, resolve_dtype
 from miniengine.model_runner import ModelRunner
-from miniengine.output_processor import OutputProcessor, SampleDelta, TokenDelta
+from miniengine.output_processor import OutputProcessor, StepDelta
 from miniengine.outputs import RequestOutput, StreamDelta
 from miniengine.platforms import resolve_platform
 from miniengine.plugins import load_general_plugins, load_stat_logger_plugins
@@ -67,19 +69,9 @@ class _Request:
     seqs: list[Sequence]
     params: SamplingParams
     aborted: bool = False
-    announced: bool = False  # a delta went out: the next ones need not carry the prompt
+    announced: bool = False  # its start went out in a delta
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
-    # Per sample: output tokens in deltas so far, logprobs not yet in one, the stop token id that ended it
-    sent: list[int] = field(init=False)
-    logprobs: list[list[dict[int, float]]] = field(init=False)
-    stop_reasons: list[int | None] = field(init=False)
-    last_token_times: list[float | None] = field(init=False)
-
-    def __post_init__(self) -> None:
-        n = len(self.seqs)
-        self.sent, self.logprobs, self.stop_reasons = [0] * n, [[] for _ in range(n)], [None] * n
-        self.last_token_times = [None] * n
 
 
 class Engine:
@@ -120,7 +112,11 @@ class Engine:
         self.async_scheduling = self._async_scheduling()
         self._requests: dict[str, _Request] = {}
         self._finished: list[RequestStats] = []  # requests finished this step, for the stat loggers
-        self._aborted: set[str] = set()  # requests aborted since the last step
+        # Sequences that ended since the last delta (this step's stops, and aborts between steps): reported
+        # in the next one, which retires their requests once every sample has ended.
+        self._ended: dict[int, tuple[str, int | None]] = {}  # seq id -> (finish reason, stop token id)
+        self._ended_seqs: list[Sequence] = []
+        self._token_times: dict[int, float] = {}  # seq id -> when its last token came (inter-token latency)
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         # Outputs a generate/stream loop met for requests it did not add, for the next step() to hand back.
@@ -233,7 +229,6 @@ class Engine:
         if request is None or request.aborted:
             return
         request.aborted = True
-        self._aborted.add(request_id)
         for seq in request.seqs:
             if not seq.is_finished:
                 self._finish(seq, "abort")
@@ -247,7 +242,7 @@ class Engine:
             return False
         seq = request.seqs[index]
         if not seq.is_finished:
-            self._finish(seq, "stop")
+            self._end(seq, "stop")  # not reported: the output processor ended it
         if not all(s.is_finished for s in request.seqs):
             return False
         self._retire(request)
@@ -287,23 +282,22 @@ class Engine:
         """Abort a request a loop owns and forget it: nobody is left to read its final output."""
         self.abort(request_id)
         self._requests.pop(request_id, None)
-        self._aborted.discard(request_id)
         self._held.pop(request_id, None)
         self._processor.forget(request_id)
 
-    def step_deltas(self) -> list[TokenDelta]:
-        """One scheduler step, reported as what is new per request (output_processor.py), for a front end that
-        runs its own OutputProcessor and calls `finish_sample` for each stop string it finds."""
+    def step_deltas(self) -> StepDelta:
+        """One scheduler step, reported as what is new (output_processor.py), for a front end that runs its own
+        OutputProcessor and calls `finish_sample` for each stop string it finds."""
         start, counters = time.monotonic(), self._counters()
-        deltas, figures = self._advance()
+        delta, figures = self._advance()
         self._record_stats(start, counters, *figures)
-        return deltas
+        return delta
 
     def _step(self, quiet: Set[str] = frozenset()) -> list[RequestOutput]:
         """One scheduler step; an output for each request that moved (those in `quiet`: only when finished)."""
         start, counters = time.monotonic(), self._counters()
-        deltas, figures = self._advance()
-        outputs, stops = self._processor.process(deltas, quiet)
+        delta, figures = self._advance()
+        outputs, stops = self._processor.process(delta, quiet)
         for request_id, index in stops:
             self.finish_sample(request_id, index)
         self._record_stats(start, counters, *figures)
@@ -312,10 +306,8 @@ class Engine:
     def _counters(self) -> tuple[int, int, int]:
         return self.block_manager.hits, self.block_manager.queries, self.scheduler.num_preemptions
 
-    def _advance(self) -> tuple[list[TokenDelta], tuple]:
-        """Schedule, run and append one step's tokens; a delta for each request that moved, and the step's
-        figures for the stat loggers."""
-        moved, self._aborted = self._aborted, set()  # aborted since the last step: their final deltas
+    def _advance(self) -> tuple[StepDelta, tuple]:
+        """Schedule, run and append one step's tokens; the step's delta, and its figures for the stat loggers."""
         if self.async_scheduling is not None:
             batch, sampled = self.async_scheduling.step()  # this batch runs on; the tokens are the last one's
         else:
@@ -323,20 +315,66 @@ class Engine:
             sampled = self.runner.run(batch, self.sampler) if batch.seqs else []
             self.scheduler.step_done(batch)
         now = time.monotonic()
-        ttft, itl = [], []
-        for seq, result in sampled:
-            request = self._requests[seq.request_id]
-            last = request.last_token_times[seq.index]
+        seq_ids, token_ids = array("q"), array("i")
+        delta = StepDelta(seq_ids, token_ids)
+        logprobs, times, eos, max_model_len = delta.logprobs, self._token_times, self.eos_token_ids, self.max_model_len
+        ttft: list[float] = []
+        itl: list[float] = []
+        # Per token: plain loop, no helper calls but on a sequence's first token and its end (the hot path).
+        for row, (seq, result) in enumerate(sampled):
+            seq_id, token_id, params = seq.seq_id, result.token_id, seq.params
+            seq.token_ids.append(token_id)
+            seq_ids.append(seq_id)
+            token_ids.append(token_id)
+            if result.logprobs is not None and params.logprobs is not None:
+                logprobs[row] = result.logprobs
+            last = times.get(seq_id)
             if last is None:
-                ttft.append(now - request.arrival_time)
-                request.first_token_time = request.first_token_time or now
+                ttft.append(now - self._first_token(seq, now, delta))
             else:
                 itl.append(now - last)
-            request.last_token_times[seq.index] = now
-            self._append(request, seq, result.token_id, result.logprobs)
-            moved.add(seq.request_id)
-        deltas = [self._delta(self._requests[rid]) for rid in sorted(moved, key=self._order)]
-        return deltas, (batch.num_prompt_tokens, len(sampled), ttft, itl)
+            times[seq_id] = now
+            if token_id in params.stop_token_ids:
+                self._finish(seq, "stop", token_id)
+            elif token_id in eos and not params.ignore_eos:
+                self._finish(seq, "stop")
+            elif len(seq.token_ids) - seq.num_prompt_tokens == params.max_tokens or len(seq.token_ids) >= max_model_len:
+                self._finish(seq, "length")
+        if self._ended:
+            self._report_ends(delta)
+        return delta, (batch.num_prompt_tokens, len(sampled), ttft, itl)
+
+    def _first_token(self, seq: Sequence, now: float, delta: StepDelta) -> float:
+        """A sequence's first token: its request starts in this delta if it has not yet; its arrival time."""
+        request = self._requests[seq.request_id]
+        if request.first_token_time is None:
+            request.first_token_time = now
+        if not request.announced:
+            self._announce(request, delta)
+        return request.arrival_time
+
+    def _announce(self, request: _Request, delta: StepDelta) -> None:
+        request.announced = True
+        first = request.seqs[0]  # its prefix-cache hits are counted at its first schedule, before any token
+        delta.started.append(
+            (request.request_id, request.prompt, request.prompt_token_ids, request.params, first.seq_id,
+             first.num_cached_tokens)
+        )  # fmt: skip
+
+    def _report_ends(self, delta: StepDelta) -> None:
+        """The sequences that ended since the last delta go in this one; a request whose samples have all ended
+        is retired (its id is free from now on)."""
+        delta.finished, self._ended = self._ended, {}
+        ended, self._ended_seqs = self._ended_seqs, []
+        for seq in ended:
+            request = self._requests.get(seq.request_id)
+            if request is None or request.seqs[seq.index] is not seq:  # retired already (a sibling ended too)
+                continue
+            if not request.announced:  # aborted before its first token
+                self._announce(request, delta)
+            if all(s.is_finished for s in request.seqs):
+                self._retire(request)
+                delta.retired.append(request.request_id)
 
     def _record_stats(self, start, counters, num_prompt_tokens, num_sampled, ttft, itl) -> None:
         finished, self._finished = tuple(self._finished), []
@@ -362,47 +400,16 @@ class Engine:
         for stat_logger in self.stat_loggers:
             stat_logger.record(stats)
 
-    def _order(self, request_id: str) -> int:
-        return self._requests[request_id].seqs[0].seq_id
+    def _finish(self, seq: Sequence, reason: str, stop_token_id: int | None = None) -> None:
+        """End `seq` and report it in the next delta."""
+        self._end(seq, reason)
+        self._ended[seq.seq_id] = (reason, stop_token_id)
+        self._ended_seqs.append(seq)
 
-    def _append(self, request: _Request, seq: Sequence, token_id: int, logprobs: dict[int, float] | None) -> None:
-        seq.token_ids.append(token_id)
-        if logprobs is not None and request.params.logprobs is not None:
-            request.logprobs[seq.index].append(logprobs)
-        params = seq.params
-        if token_id in params.stop_token_ids:
-            request.stop_reasons[seq.index] = token_id
-            self._finish(seq, "stop")
-        elif token_id in self.eos_token_ids and not params.ignore_eos:
-            self._finish(seq, "stop")
-        elif seq.num_output_tokens == params.max_tokens or seq.num_tokens >= self.max_model_len:
-            self._finish(seq, "length")
-
-    def _finish(self, seq: Sequence, reason: str) -> None:
+    def _end(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
         self.sampler.forget(seq)
-
-    def _delta(self, request: _Request) -> TokenDelta:
-        """What is new in a request since its last delta; a finished request is forgotten here."""
-        samples: list[SampleDelta] = []
-        finished, with_logprobs = True, request.params.logprobs is not None
-        for seq in request.seqs:  # per step per request: plain loops, no generators (this is the hot path)
-            i = seq.index
-            sent = request.sent[i]
-            new = seq.token_ids[seq.num_prompt_tokens + sent :]
-            request.sent[i] = sent + len(new)
-            logprobs = None
-            if with_logprobs:
-                logprobs, request.logprobs[i] = request.logprobs[i], []
-            samples.append((i, new, logprobs, seq.finish_reason, request.stop_reasons[i]))
-            finished = finished and seq.finish_reason is not None
-        first = None
-        if not request.announced:
-            request.announced = True
-            first = (request.prompt, request.prompt_token_ids, request.params)
-        if finished:
-            self._retire(request)
-        return (request.request_id, samples, finished, request.seqs[0].num_cached_tokens, first)
+        self._token_times.pop(seq.seq_id, None)
 
     def _retire(self, request: _Request) -> None:
         """The request is done here: forget it, and count it for the stat loggers."""

@@ -13,8 +13,8 @@ commands run in order. `Drain` aborts every request; `Stop` ends the loop after 
 reports the aborted requests' final outputs.
 
 In a thread (`EngineLoop(engine)`) a step reports `RequestOutput`s (`Engine.step`). In an engine process
-(`deltas=True`) it reports the engine's `TokenDelta`s (`Engine.step_deltas`): the front end turns them
-into text and outputs (output_processor.py), and sends `Finish` for each sample a stop string ended.
+(`deltas=True`) it reports the engine's `StepDelta` (`Engine.step_deltas`): the front end turns it into
+text and outputs (output_processor.py), and sends `Finish` for each sample a stop string ended.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from miniengine.engine import Engine, Prompt
-from miniengine.output_processor import TokenDelta
+from miniengine.output_processor import StepDelta
 from miniengine.outputs import RequestOutput
 from miniengine.sampling_params import SamplingParams
 
@@ -70,7 +70,7 @@ Command = Add | Abort | AbortStream | Finish | Drain | Stop
 @dataclass(slots=True)
 class Report:
     added: list[tuple[int, str | Exception]] = field(default_factory=list)  # key -> request id, or why not
-    outputs: list[RequestOutput] | list[TokenDelta] = field(default_factory=list)
+    outputs: list[RequestOutput] | StepDelta = field(default_factory=list)  # StepDelta: an engine process's
     num_waiting: int = 0  # requests waiting in the scheduler for a place in the batch
 
 
@@ -124,11 +124,11 @@ class EngineLoop:
                 return added, True
         return added, False
 
-    def _step(self) -> list[RequestOutput] | list[TokenDelta]:
+    def _step(self) -> list[RequestOutput] | StepDelta:
         if self.deltas:
-            deltas = self.engine.step_deltas()
-            self._forget(*(delta[0] for delta in deltas if delta[2]))
-            return deltas
+            delta = self.engine.step_deltas()
+            self._forget(*delta.retired)
+            return delta
         outputs = self.engine.step()
         self._forget(*(out.request_id for out in outputs if out.finished))
         return outputs

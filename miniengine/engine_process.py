@@ -6,13 +6,15 @@
       spawn ------------------------------------------------> ("ready", max_model_len)
     AsyncEngine(engine_process)
       commands -> sender thread ---- [Add, Abort, ...] ---->  EngineLoop (engine_loop.py): run the commands,
-      streams  <- receiver thread <-- one message a step ---  step, hand the report to a sender thread, which
-                 OutputProcessor -> RequestOutputs              sends (adds taken, token deltas, waiting
-                   (stop string found: Finish(id, index) -->)   count, the step's StepStats)
+      streams  <- receiver thread <-- one message a step ---  step, and write the step's report: adds taken,
+                 OutputProcessor -> RequestOutputs              the StepDelta (to_wire), waiting count, the
+                   (stop string found: Finish(id, index) -->)   step's StepStats
                  stat_loggers.record(StepStats)
 
-One message per step, whatever the batch, carrying only each request's new token ids (`Engine.step_deltas`):
-the engine process does no string work per token. Detokenizing, stop strings and building `RequestOutput`s
+One message per step, whatever the batch, carrying the step's `StepDelta` (`Engine.step_deltas`): its rows
+(sequence id, token id) as two arrays' raw bytes, and the rare news (requests started or finished, logprobs)
+only when there is some, so the engine process does no string work and builds no object per token
+(`to_wire`, `from_wire`). Detokenizing, stop strings and building `RequestOutput`s
 happen here, in the receiver thread (output_processor.py); a stop string found here goes back as a `Finish`
 command, which frees the sample's blocks (the engine may have sampled a token or two past it meanwhile:
 they are dropped here, though the step statistics count them as generated). The caller's stat loggers (the
@@ -43,6 +45,7 @@ import sys
 import threading
 import traceback
 import weakref
+from array import array
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -50,7 +53,7 @@ from typing import Any
 from miniengine.config import EngineConfig
 from miniengine.engine_loop import Command, EngineLoop, Finish, Report, Stop
 from miniengine.loader import open_checkpoint
-from miniengine.output_processor import OutputProcessor
+from miniengine.output_processor import OutputProcessor, StepDelta
 from miniengine.stats import LoggingStatLogger, StatLogger, StepStats
 
 
@@ -77,6 +80,7 @@ class EngineProcess:
         commands, self._commands_in = context.Pipe(duplex=False)
         self._reports, reports_in = context.Pipe(duplex=False)
         _widen(self._reports)
+        _widen(self._commands_in)
         level = logging.getLogger("miniengine").getEffectiveLevel()
         # Not a daemon: the engine process starts tensor parallel workers of its own.
         self.proc = context.Process(
@@ -116,11 +120,11 @@ class EngineProcess:
             kind, *rest = self._receive()
             if kind != "step":
                 raise _error_from(self.proc, rest)
-            added, deltas, num_waiting, stats, last = rest
+            added, wire, num_waiting, stats, last = rest
             for step_stats in stats:
                 for stat_logger in self.stat_loggers:
                     stat_logger.record(step_stats)
-            outputs, stops = processor.process(deltas)
+            outputs, stops = processor.process(from_wire(wire)) if wire is not None else ([], [])
             for request_id, index in stops:  # before the outputs go out: a caller may reuse the id at once
                 self.send(Finish(request_id, index))
             report(Report(added, outputs, num_waiting))
@@ -170,6 +174,23 @@ class EngineProcess:
             if not self.proc.is_alive():
                 return ("dead",)
             wait([self._reports, self.proc.sentinel])
+
+
+def to_wire(delta: StepDelta) -> tuple:
+    """A StepDelta as plain values for pickle: the rows as their arrays' raw bytes (one copy each, where
+    pickling a list would write every int), the rare parts as they are (empty, most steps)."""
+    return (
+        delta.seq_ids.tobytes(), delta.token_ids.tobytes(), delta.started, delta.finished, delta.logprobs,
+        delta.retired,
+    )  # fmt: skip
+
+
+def from_wire(wire: tuple) -> StepDelta:
+    seq_id_bytes, token_id_bytes, started, finished, logprobs, retired = wire
+    seq_ids, token_ids = array("q"), array("i")
+    seq_ids.frombytes(seq_id_bytes)
+    token_ids.frombytes(token_id_bytes)
+    return StepDelta(seq_ids, token_ids, started, finished, logprobs, retired)
 
 
 def settle_gc() -> None:
@@ -243,8 +264,6 @@ def run_engine_process(
     from miniengine.cli import LOG_FORMAT
 
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
-    sys.setswitchinterval(0.0005)  # the loop takes the GIL back from the sender soon after each device wait
-    sender = None
     try:
         from miniengine.engine import Engine
         from miniengine.plugins import load_general_plugins
@@ -258,7 +277,6 @@ def run_engine_process(
         engine = Engine(model, stat_loggers=[forward], **options)
         settle_gc()
         reports.send(("ready", engine.max_model_len))
-        sender = _Sender(reports)
 
         def receive(block: bool) -> list[Command]:
             received: list[Command] = []
@@ -268,51 +286,29 @@ def run_engine_process(
                 received += commands.recv()  # EOFError once the front end is gone: this process ends
             return received
 
-        def report(step: Report) -> None:
+        def report(step: Report, last: bool = False) -> None:
             stats, forward.stats = forward.stats, []
-            sender.put(step, stats)
+            _send(reports, step, stats, last)
 
         EngineLoop(engine, deltas=True).run(receive, report)
-        sender.put(Report(), forward.stats, last=True)
-        sender.close()
+        report(Report(), last=True)
         engine.shutdown()
     except (EOFError, BrokenPipeError):
         os._exit(0)  # the front end is gone: nobody is left to serve
     except BaseException as error:
-        if sender is not None:
-            sender.close()  # the reports of the steps before the error go first
         _fail(reports, error)
 
 
-class _Sender:
-    """The engine process's reports, pickled and written by a thread of their own: the loop hands a step's
-    report over and goes on to the next step, and the pickling and the write happen while that step waits
-    for the device (a wait that releases the GIL)."""
-
-    def __init__(self, reports: Connection) -> None:
-        self.reports = reports
-        self.queue: queue.SimpleQueue[tuple[Report, list[StepStats], bool] | None] = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name="miniengine-reports", daemon=True)
-        self.thread.start()
-
-    def put(self, step: Report, stats: list[StepStats], last: bool = False) -> None:
-        self.queue.put((step, stats, last))
-
-    def close(self) -> None:
-        """Return once everything put so far is sent."""
-        self.queue.put(None)
-        self.thread.join()
-
-    def _run(self) -> None:
-        try:
-            while (item := self.queue.get()) is not None:
-                step, stats, last = item
-                added = [(key, _portable(result)) for key, result in step.added]
-                self.reports.send(("step", added, step.outputs, step.num_waiting, stats, last))
-        except OSError:
-            os._exit(0)  # the front end is gone: nobody is left to serve
-        except BaseException as error:
-            _fail(self.reports, error)
+def _send(reports: Connection, step: Report, stats: list[StepStats], last: bool) -> None:
+    """Write one step's report, here in the loop: with the rows as raw bytes, pickling it costs less than
+    handing it to a thread would."""
+    added = [(key, _portable(result)) for key, result in step.added]
+    wire = to_wire(step.outputs) if isinstance(step.outputs, StepDelta) else None
+    message = pickle.dumps(("step", added, wire, step.num_waiting, stats, last), pickle.HIGHEST_PROTOCOL)
+    try:
+        reports.send_bytes(message)
+    except OSError:
+        os._exit(0)  # the front end is gone: nobody is left to serve
 
 
 def _fail(reports: Connection, error: BaseException) -> None:

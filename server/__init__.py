@@ -6,7 +6,7 @@
                                completions.py: Job = token ids + SamplingParams, checked against limits
                                                                       │  AsyncEngine.add_request per prompt
                                                                       ▼
-    engine process: Engine.step_deltas() ── token deltas ──> OutputProcessor (text, stop strings) ──> RequestOutputs
+    engine process: Engine.step_deltas() ── StepDelta ─────> OutputProcessor (text, stop strings) ──> RequestOutputs
                          │                                   ──> each request's stream ──> JSON or SSE
                          └── StepStats ──────────────────> metrics.py (Prometheus, GET /metrics)
 

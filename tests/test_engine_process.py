@@ -33,6 +33,7 @@ from miniengine import (
     SamplingParams,
 )
 from miniengine.distributed import DriverOnlyModelError
+from miniengine.engine_process import from_wire, to_wire
 from miniengine.models.llama import LlamaForCausalLM
 from miniengine.output_processor import OutputProcessor
 
@@ -78,18 +79,15 @@ def run(coroutine):
 
 
 def test_token_deltas_through_a_pipe_give_the_engines_own_outputs(in_process):
-    """A front end's loop (step_deltas, pickled, an OutputProcessor of its own, finish_sample for each stop
-    string it finds) gives the very outputs the engine's own `step()` gives; a running request's delta carries
-    only its new tokens and no text; every block is free at the end."""
+    """A front end's loop (step_deltas through to_wire, pickled, from_wire, an OutputProcessor of its own,
+    finish_sample for each stop string it finds) gives the very outputs the engine's own `step()` gives; a
+    step's delta carries one token per sequence that sampled, and no text; every block is free at the end."""
     processor = OutputProcessor(in_process.tokenizer)
 
     def front_end_step() -> list:
-        deltas = in_process.step_deltas()
-        for _, samples, _, _, first in deltas:
-            assert all(isinstance(t, int) for _, token_ids, *_ in samples for t in token_ids)
-            if first is None:
-                assert all(len(token_ids) <= 1 for _, token_ids, *_ in samples)
-        outputs, stops = processor.process(pickle.loads(pickle.dumps(deltas)))
+        delta = in_process.step_deltas()
+        assert len(set(delta.seq_ids)) == len(delta.seq_ids) == len(delta.token_ids)
+        outputs, stops = processor.process(from_wire(pickle.loads(pickle.dumps(to_wire(delta)))))
         for request_id, index in stops:
             in_process.finish_sample(request_id, index)
         return outputs
