@@ -7,9 +7,9 @@ Two workloads on the bundled SmolLM2-135M-Instruct GGUF (Q4_1), greedy, exactly 
 
 Reported for each engine: output tokens/s (prefill included) and decode figures (ms per decode step, decode
 tokens/s); `ratio_to_llama_cpp` is miniengine's decode tokens/s over llama.cpp's. miniengine runs at each
-`--threads` count (torch.set_num_threads), float32 (what the CPU platform picks on a CPU without native bf16),
-with steps of up to `packed_max_rows` rows through the packed copy of the weights the platform keeps
-(models/quantized.py: fp16 for fbgemm, or the GGUF's own 4 bits; `MINIENGINE_CPU_FP16=0` and
+`--threads` count (torch.set_num_threads), in the dtype the CPU platform picks (or `--dtype`), with steps of up
+to `packed_max_rows` rows (per kind) through the packed copies of the weights the platform keeps
+(models/quantized.py: the GGUF's own 4 bits for the fewest rows, fp16 for fbgemm above; `MINIENGINE_CPU_FP16=0` and
 `MINIENGINE_CPU_INT4=0` in the environment measure without them), and one sequence's decode steps through
 the compiled step (compiled_decode.py; `compiled_decode_s`: its compile time, inside `load_s`;
 `MINIENGINE_CPU_COMPILE=0` measures without it);
@@ -85,20 +85,22 @@ class StepTimes:
         engine._step, engine.runner.run = timed_step, timed_run
 
 
-def miniengine_figures(threads: int, max_tokens: int) -> dict:
+def miniengine_figures(threads: int, max_tokens: int, dtype: str = "auto") -> dict:
     """Load the engine (timed), then run each workload once untimed (warm-up) and once timed."""
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    engine = Engine(stat_loggers=[])
+    engine = Engine(stat_loggers=[], dtype=dtype)
     load_s = time.perf_counter() - start
     timer = StepTimes(engine)
     ids = chat_token_ids(engine, PROMPTS)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     modules = engine.runner.model.modules()  # a baseline's layers may call their copy `int4` (before fp16)
     packed = [w for m in modules if (w := getattr(m, "packed_weight", None) or getattr(m, "int4", None)) is not None]
+    packed = [tier for w in packed for tier in getattr(w, "tiers", [w])]  # a TieredWeight's copies
     out: dict = {"threads": threads, "dtype": str(engine.dtype).removeprefix("torch."), "load_s": load_s,
                  "packed_weights": sorted({type(w).__name__ for w in packed}),
-                 "packed_max_rows": max((w.max_rows for w in packed), default=0),
+                 "packed_max_rows": {kind: max(w.max_rows for w in packed if type(w).__name__ == kind)
+                                     for kind in {type(w).__name__ for w in packed}},
                  "compiled_decode_s": getattr(engine.runner.graphs, "compile_s", None)}  # fmt: skip
     for name, n in WORKLOADS.items():
         engine.generate(ids[:n], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
@@ -200,6 +202,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", default="1,2", help="miniengine thread counts to measure, e.g. 1,2")
     parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
+    parser.add_argument("--dtype", default="auto", help="miniengine's dtype (auto: what the CPU platform picks)")
     parser.add_argument("--skip-hf", action="store_true", help="do not run transformers")
     parser.add_argument("--llama-bench", type=Path, default=LLAMA_BENCH, help="the llama-batched-bench binary")
     parser.add_argument("--llama-threads", type=int, default=2)
@@ -209,7 +212,7 @@ def main() -> None:
     args = parser.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
     if args.engine_only:
-        print(json.dumps(miniengine_figures(threads[0], args.max_tokens)))
+        print(json.dumps(miniengine_figures(threads[0], args.max_tokens, args.dtype)))
         return
 
     load_before = [round(x, 2) for x in os.getloadavg()]
@@ -226,7 +229,7 @@ def main() -> None:
         "versions": versions("torch", "miniengine"),
         "model": os.path.basename(default_model()),
         "max_tokens": args.max_tokens,
-        "miniengine": [miniengine_figures(t, args.max_tokens) for t in threads],
+        "miniengine": [miniengine_figures(t, args.max_tokens, args.dtype) for t in threads],
     }
     if args.baseline:
         result["miniengine_before"] = baseline_figures(args.baseline, threads, args.max_tokens)

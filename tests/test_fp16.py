@@ -68,7 +68,8 @@ def choose(monkeypatch, dense: float, fp16: float, int4: float) -> list[tuple]:
     """Make the platform's probe report these seconds (and record what it was asked to time)."""
     asked = []
 
-    def seconds(kinds):
+    def seconds(kinds, threads):
+        assert threads == torch.get_num_threads()
         asked.append(kinds)
         return {"dense": dense, "fp16": fp16, "int4": int4}
 

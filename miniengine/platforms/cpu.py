@@ -149,7 +149,8 @@ def packed_weights(dtype: torch.dtype, has_int4: bool) -> dict[str, int]:
     tiers = {kind: rows for kind, rows in forced.items() if rows and usable[kind]}
     measured = [kind for kind in ("fp16", "int4") if forced[kind] is None and usable[kind]]
     if measured:
-        seconds = one_row_seconds(tuple(kind for kind in ("fp16", "int4") if usable[kind] and forced[kind] != 0))
+        kinds = tuple(kind for kind in ("fp16", "int4") if usable[kind] and forced[kind] != 0)
+        seconds = one_row_seconds(kinds, torch.get_num_threads())
         if "fp16" in measured and seconds["fp16"] < seconds["dense"]:
             tiers["fp16"] = FP16_MAX_ROWS
         if "int4" in measured and seconds["int4"] < seconds["dense"]:
@@ -171,8 +172,9 @@ def _forced(flag: str) -> int | None:
 
 
 @functools.cache
-def one_row_seconds(kinds: tuple[str, ...]) -> dict[str, float]:
-    """About 0.3 s (mostly packing), once per process: the seconds one row takes through 12 weights of
+def one_row_seconds(kinds: tuple[str, ...], threads: int) -> dict[str, float]:
+    """About 0.3 s (mostly packing), once per process and thread count (the kernels split their work over
+    torch's threads, each its own way): the seconds one row takes through 12 weights of
     SmolLM2's MLP shape (1536 x 576; 42 MB in float32, so read from memory as a decode step reads them, not
     from the cache), dense ("dense", always measured) and through each packed copy in `kinds` ("fp16",
     "int4"). The candidates run in turns, best of 8 each, so a burst of load elsewhere hits all alike."""
