@@ -171,9 +171,10 @@ def llama_cpp_figures(binary: Path, max_tokens: int, threads: int) -> dict | Non
     return out
 
 
-def baseline_figures(directory: str, threads: list[int], max_tokens: int) -> list[dict]:
+def baseline_figures(directory: str, threads: list[int], max_tokens: int, dtype: str) -> list[dict]:
     """This file's miniengine part, run in a subprocess that imports miniengine from `directory`."""
-    return [figures_from(__file__, ["--threads", str(t), "--max-tokens", str(max_tokens)], directory) for t in threads]
+    flags = ["--max-tokens", str(max_tokens), "--dtype", dtype]
+    return [figures_from(__file__, ["--threads", str(t), *flags], directory) for t in threads]
 
 
 def print_table(result: dict) -> None:
@@ -232,7 +233,7 @@ def main() -> None:
         "miniengine": [miniengine_figures(t, args.max_tokens, args.dtype) for t in threads],
     }
     if args.baseline:
-        result["miniengine_before"] = baseline_figures(args.baseline, threads, args.max_tokens)
+        result["miniengine_before"] = baseline_figures(args.baseline, threads, args.max_tokens, args.dtype)
     if not args.skip_hf:
         torch.set_num_threads(os.cpu_count() or 1)
         result["transformers"] = transformers_figures(args.max_tokens)
