@@ -154,7 +154,8 @@ def llama_cpp_figures(binary: Path, max_tokens: int, threads: int) -> dict | Non
     if run.returncode:
         print(f"llama.cpp skipped: {binary.name} exited with {run.returncode} ({run.stderr.strip()[-200:]})")
         return None
-    out: dict = {"command": " ".join(command), "quantization": "Q4_1 (the file as it is)", "threads": threads}
+    shown = [binary.name, "-m", os.path.basename(default_model()), *command[3:]]  # no paths of this machine
+    out: dict = {"command": " ".join(shown), "quantization": "Q4_1 (the file as it is)", "threads": threads}
     rows = {}
     # | PP | TG | B | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s | T s | S t/s |
     for line in run.stdout.splitlines():
