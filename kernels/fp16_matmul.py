@@ -38,6 +38,7 @@ class Fp16Weight:
     than this use another copy (models/quantized.py, `packed_or_dense_linear`)."""
 
     handle: torch.Tensor  # int64 [1]: the key of the packed weight in _PACKED
+    packed: torch.ScriptObject  # the same packed weight, for eager calls (no table lookup)
     out_features: int
     nbytes: int
     max_rows: int = 1 << 30
@@ -49,7 +50,7 @@ class Fp16Weight:
         handle = torch.tensor([key])
         _PACKED[key] = packed
         weakref.finalize(handle, _PACKED.pop, key, None)  # the packed weight lives as long as its handle
-        return Fp16Weight(handle, weight.shape[0], 2 * weight.numel(), max_rows)
+        return Fp16Weight(handle, packed, weight.shape[0], 2 * weight.numel(), max_rows)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return fp16_matmul(x, self)
@@ -57,7 +58,9 @@ class Fp16Weight:
 
 def fp16_matmul(x: torch.Tensor, w: Fp16Weight) -> torch.Tensor:
     """x [T, K] @ W.T -> [T, N] in x's dtype; fbgemm takes float32 activations."""
-    return torch.ops.miniengine.fp16_linear(x.float(), w.handle, w.out_features).to(x.dtype)
+    if torch.compiler.is_compiling():
+        return torch.ops.miniengine.fp16_linear(x.float(), w.handle, w.out_features).to(x.dtype)
+    return torch.ops.quantized.linear_dynamic_fp16(x.float(), w.packed).to(x.dtype)
 
 
 def _fp16_linear(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:

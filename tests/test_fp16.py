@@ -68,8 +68,8 @@ def choose(monkeypatch, dense: float, fp16: float, int4: float) -> list[tuple]:
     """Make the platform's probe report these seconds (and record what it was asked to time)."""
     asked = []
 
-    def seconds(kinds, threads):
-        assert threads == torch.get_num_threads()
+    def seconds(kinds, dtype, threads):
+        assert threads == torch.get_num_threads() and dtype in (torch.float32, torch.bfloat16)
         asked.append(kinds)
         return {"dense": dense, "fp16": fp16, "int4": int4}
 

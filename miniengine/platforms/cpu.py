@@ -138,9 +138,9 @@ def packed_weights(dtype: torch.dtype, has_int4: bool) -> dict[str, int]:
     """The packed copies the linear layers keep, each for steps of up to how many rows, e.g. `{"fp16": 64,
     "int4": 2}` (models/quantized.py, `TieredWeight`: the fewest rows take the smallest copy that covers
     them); empty: the dense weights only. `has_int4`: the checkpoint has 4-bit matrices. fp16 needs float32
-    weights (fbgemm takes float32 activations). A copy is kept where one row through it beats float32 (and,
-    for int4 beside fp16, beats fp16) in `one_row_seconds`; `MINIENGINE_CPU_FP16` / `MINIENGINE_CPU_INT4`
-    override the measurement (0: off, N: steps of up to N rows)."""
+    weights (fbgemm takes float32 activations). A copy is kept where one row through it beats the dense
+    weights in `dtype` (and, for int4 beside fp16, beats fp16) in `one_row_seconds`; `MINIENGINE_CPU_FP16`
+    and `MINIENGINE_CPU_INT4` override the measurement (0: off, N: steps of up to N rows)."""
     forced = {"fp16": _forced("MINIENGINE_CPU_FP16"), "int4": _forced("MINIENGINE_CPU_INT4")}
     usable = {
         "fp16": dtype == torch.float32 and fp16_kernel_available(),
@@ -150,7 +150,7 @@ def packed_weights(dtype: torch.dtype, has_int4: bool) -> dict[str, int]:
     measured = [kind for kind in ("fp16", "int4") if forced[kind] is None and usable[kind]]
     if measured:
         kinds = tuple(kind for kind in ("fp16", "int4") if usable[kind] and forced[kind] != 0)
-        seconds = one_row_seconds(kinds, torch.get_num_threads())
+        seconds = one_row_seconds(kinds, dtype, torch.get_num_threads())
         if "fp16" in measured and seconds["fp16"] < seconds["dense"]:
             tiers["fp16"] = FP16_MAX_ROWS
         if "int4" in measured and seconds["int4"] < seconds["dense"]:
@@ -172,18 +172,19 @@ def _forced(flag: str) -> int | None:
 
 
 @functools.cache
-def one_row_seconds(kinds: tuple[str, ...], threads: int) -> dict[str, float]:
-    """About 0.3 s (mostly packing), once per process and thread count (the kernels split their work over
-    torch's threads, each its own way): the seconds one row takes through 12 weights of
+def one_row_seconds(kinds: tuple[str, ...], dtype: torch.dtype, threads: int) -> dict[str, float]:
+    """About 0.3 s (mostly packing), once per process, dtype and thread count (the kernels split their work
+    over torch's threads, each its own way): the seconds one row of `dtype` takes through 12 weights of
     SmolLM2's MLP shape (1536 x 576; 42 MB in float32, so read from memory as a decode step reads them, not
-    from the cache), dense ("dense", always measured) and through each packed copy in `kinds` ("fp16",
-    "int4"). The candidates run in turns, best of 8 each, so a burst of load elsewhere hits all alike."""
+    from the cache), dense in `dtype` ("dense", always measured) and through each packed copy in `kinds`
+    ("fp16", "int4"). The candidates run in turns, best of 8 each, so a burst of load elsewhere hits all
+    alike."""
     g = torch.Generator().manual_seed(0)
-    dense = [torch.randn(1536, 576, generator=g) * 0.05 for _ in range(12)]
-    x = torch.randn(1, 576, generator=g)
+    dense = [(torch.randn(1536, 576, generator=g) * 0.05).to(dtype) for _ in range(12)]
+    x = torch.randn(1, 576, generator=g).to(dtype)
     runs: dict[str, Callable[[], object]] = {"dense": lambda: [torch.nn.functional.linear(x, w) for w in dense]}
     if "fp16" in kinds:
-        fp16 = [Fp16Weight.pack(w) for w in dense]
+        fp16 = [Fp16Weight.pack(w.float()) for w in dense]
         runs["fp16"] = lambda: [fp16_matmul(x, w) for w in fp16]
     if "int4" in kinds:
         q = torch.randint(0, 16, (1536, 576), dtype=torch.uint8, generator=g)
