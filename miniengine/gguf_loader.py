@@ -187,13 +187,16 @@ class GGUFCheckpoint:
                 weight = _unpermute_rows(weight, heads[kind])
             yield _hf_tensor_name(t.name), weight
 
-    def int4_weights(self) -> Iterator[tuple[str, Int4Rows]]:
+    def int4_weights(self, q8_0: bool = True) -> Iterator[tuple[str, Int4Rows]]:
         """(HF name, its rows for the CPU's int4 kernel) for each matrix the file stores as Q4_0, Q4_1 or
-        Q8_0: the file's own values, unpacked (kernels/int4_matmul.py), in HF row order."""
+        Q8_0 (`q8_0=False`: not Q8_0): the file's own values, unpacked (kernels/int4_matmul.py), in HF row
+        order."""
         permuted = self.config["model_type"] == "llama"
         heads = {"attn_q": self.config["num_attention_heads"], "attn_k": self.config["num_key_value_heads"]}
         for t in self.file.tensors:
             if len(t.shape) != 2 or t.tensor_type not in _INT4_ROWS:
+                continue
+            if not q8_0 and t.tensor_type == GGMLQuantizationType.Q8_0:
                 continue
             rows = _INT4_ROWS[t.tensor_type](torch.from_numpy(t.data))
             kind = t.name.split(".")[-2]

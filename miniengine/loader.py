@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from miniengine.models.parallel import SINGLE, TensorParallel, building, load_param
-from miniengine.models.quantized import attach_fp16, attach_gemv, attach_int4
+from miniengine.models.quantized import attach_gemv, attach_packed
 from miniengine.registry import ModelRegistry
 from miniengine.tokenizer import Tokenizer
 
@@ -46,8 +46,9 @@ class Checkpoint:
     tokenizer: Tokenizer | None
     # (name, tensor), one at a time; lazy=True: (name, LazyTensor), read when narrowed and materialized
     weights: Callable[..., Iterator[tuple[str, Any]]]
-    # (name, Int4Rows) of the matrices a GGUF file stores as Q4_0, Q4_1 or Q8_0 (models/quantized.py); or None
-    int4_weights: Callable[[], Iterator[tuple[str, Any]]] | None = None
+    # (name, Int4Rows) of the matrices a GGUF file stores as Q4_0, Q4_1 or Q8_0 (models/quantized.py; q8_0=False:
+    # not Q8_0); or None
+    int4_weights: Callable[..., Iterator[tuple[str, Any]]] | None = None
 
 
 class LazyTensor:
@@ -197,11 +198,10 @@ def load_model(
         if load_format == "auto" and device.type == "cpu" and tp.size == 1:
             from miniengine.platforms.cpu import packed_weights
 
-            choice = packed_weights(dtype, checkpoint.int4_weights is not None)
-            if choice and choice[0] == "fp16":
-                attach_fp16(model, choice[1])
-            elif choice:
-                attach_int4(model, checkpoint.int4_weights(), choice[1])
+            tiers = packed_weights(dtype, checkpoint.int4_weights is not None)
+            # Beside fp16, Q8_0 matrices (the LM head) keep fp16 only: see models/quantized.py.
+            int4 = checkpoint.int4_weights(q8_0="fp16" not in tiers) if "int4" in tiers else ()
+            attach_packed(model, tiers, int4)
     if device.type == "cuda" and tp.size == 1 and os.environ.get("MINIENGINE_CUDA_GEMV", "1") != "0":
         attach_gemv(model)
     return model.eval()

@@ -51,8 +51,9 @@ def hf_smollm2(smollm2_path):
 @pytest.fixture(scope="session")
 def smollm2_packed_runs(smollm2_path):
     """The same greedy requests through SmolLM2 with float32 weights only ("dense"), and with each packed copy
-    of the weights forced on ("int4", "fp16"; models/quantized.py), as the CPU platform would choose where it
-    pays. Each run: (layers holding a packed copy, the outputs with top-2 logprobs, a chat answer)."""
+    of the weights forced on ("int4", "fp16", both in tiers: "tiered"; models/quantized.py), as the CPU
+    platform would choose where it pays. Each run: (layers holding a packed copy, the outputs with top-2
+    logprobs, a chat answer, the kinds of copy)."""
     from miniengine import SamplingParams
     from miniengine.platforms import cpu
 
@@ -68,6 +69,7 @@ def smollm2_packed_runs(smollm2_path):
         "dense": {},
         "int4": {"MINIENGINE_CPU_INT4": cpu.INT4_MAX_ROWS},
         "fp16": {"MINIENGINE_CPU_FP16": cpu.FP16_MAX_ROWS},
+        "tiered": {"MINIENGINE_CPU_FP16": cpu.FP16_MAX_ROWS, "MINIENGINE_CPU_INT4": cpu.INT4_BESIDE_FP16_ROWS},
     }
     # One thread: these runs compare paths, not speeds, and on a shared 2-core machine two threads can make a
     # step 20x slower (each op waits for a descheduled thread: bench/README.md).

@@ -35,27 +35,89 @@ def test_layer_uses_fp16_only_for_few_rows():
     assert torch.equal(layer(many), torch.nn.functional.linear(many, layer.weight, layer.bias))
 
 
-def test_packed_weights_choice(monkeypatch):
-    monkeypatch.setattr(cpu, "fp16_matmul_pays", lambda: True)
-    monkeypatch.setattr(cpu, "int4_matmul_pays", lambda: True)
-    monkeypatch.delenv("MINIENGINE_CPU_FP16")
-    monkeypatch.delenv("MINIENGINE_CPU_INT4")
-    assert cpu.packed_weights(torch.float32, has_int4=True) == ("fp16", cpu.FP16_MAX_ROWS)
-    assert cpu.packed_weights(torch.bfloat16, has_int4=True)[0] == "int4"  # fbgemm takes float32 only
-    assert cpu.packed_weights(torch.bfloat16, has_int4=False) is None
-    monkeypatch.setenv("MINIENGINE_CPU_INT4", "8")  # forcing int4 on wins over the measured fp16
-    assert cpu.packed_weights(torch.float32, has_int4=True) == ("int4", 8)
-    monkeypatch.setenv("MINIENGINE_CPU_FP16", "0")
-    monkeypatch.setenv("MINIENGINE_CPU_INT4", "0")
-    assert cpu.packed_weights(torch.float32, has_int4=True) is None
+def test_handle_names_the_packed_weight_and_goes_with_it():
+    """The op takes a handle tensor (a graph cannot carry fbgemm's script object); the packed weight it names
+    is dropped with its last handle."""
+    from miniengine.kernels import fp16_matmul as module
+
+    weight, x = torch.randn(40, 32) * 0.1, torch.randn(3, 32)
+    packed = Fp16Weight.pack(weight)
+    key = int(packed.handle)
+    assert key in module._PACKED
+    got = torch.ops.miniengine.fp16_linear(x, packed.handle, 40)
+    torch.testing.assert_close(got, fp16_matmul_reference(x, weight), rtol=1e-5, atol=1e-5)
+    del packed
+    assert key not in module._PACKED
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_across_threads(threads):
+    """fbgemm's GEMM splits the output's columns over torch's threads: the same sums at any count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(threads)
+        weight, x = torch.randn(1536, 576, generator=g) * 0.05, torch.randn(7, 576, generator=g)
+        got = fp16_matmul(x, Fp16Weight.pack(weight))
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, fp16_matmul_reference(x, weight), rtol=1e-5, atol=1e-5)
+
+
+def choose(monkeypatch, dense: float, fp16: float, int4: float) -> list[tuple]:
+    """Make the platform's probe report these seconds (and record what it was asked to time)."""
+    asked = []
+
+    def seconds(kinds, dtype, threads):
+        assert threads == torch.get_num_threads() and dtype in (torch.float32, torch.bfloat16)
+        asked.append(kinds)
+        return {"dense": dense, "fp16": fp16, "int4": int4}
+
+    monkeypatch.setattr(cpu, "one_row_seconds", seconds)
+    monkeypatch.setattr(cpu, "int4_kernel_available", lambda: True)
+    monkeypatch.delenv("MINIENGINE_CPU_FP16", raising=False)
+    monkeypatch.delenv("MINIENGINE_CPU_INT4", raising=False)
+    return asked
+
+
+def test_packed_weights_tiers_by_measurement(monkeypatch):
+    choose(monkeypatch, dense=3.0, fp16=2.0, int4=1.0)
+    tiers = cpu.packed_weights(torch.float32, has_int4=True)
+    assert tiers == {"fp16": cpu.FP16_MAX_ROWS, "int4": cpu.INT4_BESIDE_FP16_ROWS}
+    assert cpu.packed_weights(torch.bfloat16, has_int4=True) == {"int4": cpu.INT4_MAX_ROWS}  # fbgemm: float32 only
+    assert cpu.packed_weights(torch.bfloat16, has_int4=False) == {}
+    assert cpu.packed_weights(torch.float32, has_int4=False) == {"fp16": cpu.FP16_MAX_ROWS}
+    choose(monkeypatch, dense=3.0, fp16=1.0, int4=2.0)  # int4 slower than fp16 at one row: fp16 alone
+    assert cpu.packed_weights(torch.float32, has_int4=True) == {"fp16": cpu.FP16_MAX_ROWS}
+    choose(monkeypatch, dense=3.0, fp16=4.0, int4=2.0)  # fp16 slower than float32: int4 alone, its own rows
+    assert cpu.packed_weights(torch.float32, has_int4=True) == {"int4": cpu.INT4_MAX_ROWS}
+    choose(monkeypatch, dense=1.0, fp16=2.0, int4=2.0)
+    assert cpu.packed_weights(torch.float32, has_int4=True) == {}
+
+
+def test_packed_weights_flags_override(monkeypatch):
+    asked = choose(monkeypatch, dense=1.0, fp16=2.0, int4=3.0)  # measured: neither pays
     monkeypatch.setenv("MINIENGINE_CPU_FP16", "32")
-    assert cpu.packed_weights(torch.float32, has_int4=False) == ("fp16", 32)
-    monkeypatch.delenv("MINIENGINE_CPU_FP16")
-    monkeypatch.setattr(cpu, "fp16_matmul_pays", lambda: False)
-    assert cpu.packed_weights(torch.float32, has_int4=False) is None
-    monkeypatch.setenv("MINIENGINE_CPU_FP16", "many")
-    with pytest.raises(ValueError, match="MINIENGINE_CPU_FP16"):
-        cpu.packed_weights(torch.float32, has_int4=False)
+    monkeypatch.setenv("MINIENGINE_CPU_INT4", "4")
+    assert cpu.packed_weights(torch.float32, has_int4=True) == {"fp16": 32, "int4": 4}
+    assert asked == []  # both forced: nothing to time
+    monkeypatch.setenv("MINIENGINE_CPU_INT4", "0")
+    assert cpu.packed_weights(torch.float32, has_int4=True) == {"fp16": 32}
+    monkeypatch.setenv("MINIENGINE_CPU_FP16", "0")
+    assert cpu.packed_weights(torch.float32, has_int4=True) == {}
+    monkeypatch.delenv("MINIENGINE_CPU_INT4")
+    assert cpu.packed_weights(torch.float32, has_int4=True) == {}  # int4 measured, slower than float32
+    assert asked[-1] == ("int4",)  # fp16 is off: not timed
+    monkeypatch.setenv("MINIENGINE_CPU_INT4", "8")
+    assert cpu.packed_weights(torch.bfloat16, has_int4=False) == {}  # no 4-bit matrices to keep
+
+
+@pytest.mark.parametrize(("flag", "value"), [("MINIENGINE_CPU_FP16", "many"), ("MINIENGINE_CPU_INT4", "-2")])
+def test_packed_weights_bad_flag(monkeypatch, flag, value):
+    choose(monkeypatch, dense=1.0, fp16=2.0, int4=3.0)
+    monkeypatch.setenv(flag, value)
+    with pytest.raises(ValueError, match=flag):
+        cpu.packed_weights(torch.float32, has_int4=True)
 
 
 @pytest.mark.slow

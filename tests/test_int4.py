@@ -14,7 +14,6 @@ from miniengine.gguf_loader import _INT4_ROWS, dequantize_tensor
 from miniengine.gguf_reader import GGUFTensor
 from miniengine.kernels import int4_matmul as int4
 from miniengine.kernels.int4_matmul import Int4Rows, Int4Weight, int4_matmul, int4_matmul_reference
-from miniengine.platforms import cpu
 
 pytestmark = pytest.mark.skipif(not int4.int4_kernel_available(), reason="this torch has no CPU int4 kernel")
 
@@ -75,19 +74,64 @@ def test_layer_uses_int4_only_for_few_rows():
     assert torch.equal(layer(many), many @ layer.weight.t())
 
 
-def test_max_rows_choice(monkeypatch):
-    monkeypatch.setenv("MINIENGINE_CPU_INT4", "0")
-    assert cpu.int4_max_rows() == 0
-    monkeypatch.setenv("MINIENGINE_CPU_INT4", "8")
-    assert cpu.int4_max_rows() == 8
-    monkeypatch.delenv("MINIENGINE_CPU_INT4")
-    monkeypatch.setattr(cpu, "int4_matmul_pays", lambda: False)
-    assert cpu.int4_max_rows() == 0
-    monkeypatch.setattr(cpu, "int4_matmul_pays", lambda: True)
-    assert cpu.int4_max_rows() == cpu.INT4_MAX_ROWS
-    monkeypatch.setenv("MINIENGINE_CPU_INT4", "yes")
-    with pytest.raises(ValueError, match="MINIENGINE_CPU_INT4"):
-        cpu.int4_max_rows()
+def test_tiered_weight_picks_by_rows():
+    """A layer holding both copies: 1-2 rows through int4, 3-8 through fp16, more through the dense weight;
+    each equal to its own reference, and all near the float32 product."""
+    from miniengine.kernels.fp16_matmul import Fp16Weight, fp16_kernel_available, fp16_matmul_reference
+    from miniengine.models.parallel import ColumnParallelLinear
+    from miniengine.models.quantized import TieredWeight
+
+    if not fp16_kernel_available():
+        pytest.skip("this torch has no fbgemm fp16 GEMM")
+    layer = ColumnParallelLinear(128, [64, 32], bias=False)
+    weights = random_rows(96, 128, seed=3)
+    scale, zero = (v.repeat_interleave(32, dim=1) for v in (weights.scale, weights.zero))
+    layer.weight.data.copy_((weights.q.float() - 8) * scale + zero)
+    layer.packed_weight = TieredWeight((Int4Weight.pack(weights, max_rows=2), Fp16Weight.pack(layer.weight, 8)))
+    assert layer.packed_weight.max_rows == 8
+    for rows in range(1, 11):
+        x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows))
+        got, exact = layer(x), x @ layer.weight.t()
+        if rows <= 2:
+            torch.testing.assert_close(got, int4_matmul_reference(x, weights), rtol=2**-7, atol=1e-3)
+        elif rows <= 8:
+            torch.testing.assert_close(got, fp16_matmul_reference(x, layer.weight), rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(got, exact)
+        assert (got - exact).norm() / exact.norm() < 0.01, rows
+
+
+def tiny_engine(path, monkeypatch, fp16: int, int4: int):
+    from miniengine import Engine
+
+    monkeypatch.setenv("MINIENGINE_CPU_FP16", str(fp16))
+    monkeypatch.setenv("MINIENGINE_CPU_INT4", str(int4))
+    return Engine(path, stat_loggers=[], num_kv_blocks=32)
+
+
+def test_loader_attaches_tiers(tmp_path, monkeypatch):
+    """A GGUF of Q4_0 layers and a Q8_0 tied embedding: with both copies each layer holds int4 then fp16,
+    and the LM head fp16 only (its Q8_0 is left out); with int4 alone the LM head takes the Q8_0 split."""
+    from miniengine.kernels.fp16_matmul import Fp16Weight, fp16_kernel_available
+    from miniengine.loader import open_checkpoint
+    from miniengine.models.quantized import TieredWeight
+    from tests.tiny_gguf import LAYERS, write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    names = [name for name, _ in open_checkpoint(path).int4_weights(q8_0=False)]
+    assert len(names) == 7 * LAYERS and "model.embed_tokens.weight" not in names
+
+    model = tiny_engine(path, monkeypatch, fp16=0, int4=2).runner.model
+    assert isinstance(model.lm_head.packed_weight, Int4Weight) and model.lm_head.packed_weight.repeat == 2
+    if not fp16_kernel_available():
+        return
+    model = tiny_engine(path, monkeypatch, fp16=8, int4=2).runner.model
+    layers = [m for m in model.modules() if getattr(m, "packed_weight", None) is not None]
+    assert len(layers) == 4 * LAYERS + 1
+    for layer in layers[:-1]:
+        assert isinstance(layer.packed_weight, TieredWeight)
+        assert [(type(t), t.max_rows) for t in layer.packed_weight.tiers] == [(Int4Weight, 2), (Fp16Weight, 8)]
+    assert isinstance(model.lm_head.packed_weight, Fp16Weight)
 
 
 @pytest.mark.slow
@@ -112,3 +156,14 @@ def test_smollm2_int4_agrees_with_float32(smollm2_packed_runs):
 @pytest.mark.slow
 def test_smollm2_int4_answers_paris(smollm2_packed_runs):
     assert "Paris" in smollm2_packed_runs["int4"][2]
+
+
+@pytest.mark.slow
+def test_smollm2_tiered(smollm2_packed_runs):
+    """Both copies, as the platform keeps them where both pay: every layer holds int4 (1-2 rows) and fp16,
+    the Q8_0 LM head fp16 only. The 4-row steps of the four prompts go through fp16 (float32's tokens, as
+    test_fp16 checks); the one-row chat answer goes through the 4-bit layers and the fp16 LM head."""
+    layers, outputs, answer, kinds = smollm2_packed_runs["tiered"]
+    assert layers == 30 * 4 + 1 and kinds == {"TieredWeight", "Fp16Weight"}
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in smollm2_packed_runs["fp16"][1]]
+    assert "Paris" in answer

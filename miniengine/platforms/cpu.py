@@ -5,12 +5,13 @@ What pays on a CPU is chosen here, measured rather than assumed:
   /proc/cpuinfo) and a bf16 matmul of a decode step's shape then beats float32 on this machine; float32
   elsewhere (an AVX2-only CPU converts bf16 in software: slower than float32, at lower precision).
   `dtype=` overrides it, and so does `MINIENGINE_CPU_DTYPE` (the test suite pins float32 with it).
-- a packed copy of the weights for steps of few rows (models/quantized.py, `packed_weights`): fp16 for
-  fbgemm's GEMM (steps of at most `FP16_MAX_ROWS` rows) where it exists and one row through it beats
-  float32 here; else a GGUF's own Q4_0 / Q4_1 / Q8_0 matrices for torch's int4 kernel (`INT4_MAX_ROWS`),
-  where that beats float32. fp16 goes first: on the AVX2 EPYC it ties int4 at one row and beats it from 8
-  rows on (bench/README.md). `load_format="dense"` (--load-format dense) keeps the float32 weights only;
-  `MINIENGINE_CPU_FP16` and `MINIENGINE_CPU_INT4` override the choice: 0 off, N on for steps of <= N rows.
+- packed copies of the weights for steps of few rows (models/quantized.py; `packed_weights`): fp16 for
+  fbgemm's GEMM (float32 weights; steps of at most `FP16_MAX_ROWS` rows) where one row through it beats
+  float32 here, and a GGUF's own Q4_0 / Q4_1 / Q8_0 matrices for torch's int4 kernel where one row through
+  them beats float32 (and fp16, if kept: then for steps of at most `INT4_BESIDE_FP16_ROWS` rows, since fp16
+  wins from a few rows on; alone, `INT4_MAX_ROWS`). `load_format="dense"` (--load-format dense) keeps the
+  float32 weights only; `MINIENGINE_CPU_FP16` and `MINIENGINE_CPU_INT4` override the measurement: 0 off,
+  N on for steps of <= N rows.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ DEFAULT_KV_CACHE_GIB = 4.0
 # Steps of at most this many rows multiply by the 4-bit copy. On the 2-core AVX2 EPYC (SmolLM2's 30 layers,
 # weights from DRAM, bench/README.md) int4 takes 0.3x float32's time at 1 row, about 0.6x at 8, ~1x at 24.
 INT4_MAX_ROWS = 16
+# ... and beside an fp16 copy, which beats it from a few rows on (the kernel unpacks each weight once per row).
+INT4_BESIDE_FP16_ROWS = 2
 # fp16 through fbgemm, float32 weights: at 1 thread 0.54x float32's time at 1 row, 0.65x at 32, 0.75x at 64,
 # ~0.9x at 128 (the LM head's 49152 rows already lose there), ~1x at 512.
 FP16_MAX_ROWS = 64
@@ -131,34 +134,31 @@ def bf16_matmul_pays() -> bool:
     return _fastest(matmul(torch.bfloat16), 20, 5) < _fastest(matmul(torch.float32), 20, 5)
 
 
-def packed_weights(dtype: torch.dtype, has_int4: bool) -> tuple[str, int] | None:
-    """Which packed copy the linear layers keep ("fp16" or "int4"; `has_int4`: the checkpoint has 4-bit
-    matrices), and for steps of up to how many rows; None: the dense weights only. A flag that forces one
-    on wins over the measured choice."""
-    fp16 = fp16_max_rows() if dtype == torch.float32 else 0
-    int4_first = has_int4 and _forced("MINIENGINE_CPU_INT4") and not _forced("MINIENGINE_CPU_FP16")
-    if fp16 and not int4_first:
-        return "fp16", fp16  # int4's probe (~50 ms of start-up) need not run
-    int4 = int4_max_rows() if has_int4 else 0
-    if int4:
-        return "int4", int4
-    return ("fp16", fp16) if fp16 else None
-
-
-def fp16_max_rows() -> int:
-    """Steps of at most this many rows multiply by fp16 copies of the float32 weights; 0: keep none."""
-    forced = _forced("MINIENGINE_CPU_FP16")
-    if forced is not None:
-        return forced if fp16_kernel_available() else 0
-    return FP16_MAX_ROWS if fp16_matmul_pays() else 0
-
-
-def int4_max_rows() -> int:
-    """Steps of at most this many rows multiply by a GGUF's 4-bit weights; 0: keep no 4-bit copy."""
-    forced = _forced("MINIENGINE_CPU_INT4")
-    if forced is not None:
-        return forced if int4_kernel_available() else 0
-    return INT4_MAX_ROWS if int4_matmul_pays() else 0
+def packed_weights(dtype: torch.dtype, has_int4: bool) -> dict[str, int]:
+    """The packed copies the linear layers keep, each for steps of up to how many rows, e.g. `{"fp16": 64,
+    "int4": 2}` (models/quantized.py, `TieredWeight`: the fewest rows take the smallest copy that covers
+    them); empty: the dense weights only. `has_int4`: the checkpoint has 4-bit matrices. fp16 needs float32
+    weights (fbgemm takes float32 activations). A copy is kept where one row through it beats the dense
+    weights in `dtype` (and, for int4 beside fp16, beats fp16) in `one_row_seconds`; `MINIENGINE_CPU_FP16`
+    and `MINIENGINE_CPU_INT4` override the measurement (0: off, N: steps of up to N rows)."""
+    forced = {"fp16": _forced("MINIENGINE_CPU_FP16"), "int4": _forced("MINIENGINE_CPU_INT4")}
+    usable = {
+        "fp16": dtype == torch.float32 and fp16_kernel_available(),
+        "int4": has_int4 and int4_kernel_available(),
+    }
+    tiers = {kind: rows for kind, rows in forced.items() if rows and usable[kind]}
+    measured = [kind for kind in ("fp16", "int4") if forced[kind] is None and usable[kind]]
+    if measured:
+        kinds = tuple(kind for kind in ("fp16", "int4") if usable[kind] and forced[kind] != 0)
+        seconds = one_row_seconds(kinds, dtype, torch.get_num_threads())
+        if "fp16" in measured and seconds["fp16"] < seconds["dense"]:
+            tiers["fp16"] = FP16_MAX_ROWS
+        if "int4" in measured and seconds["int4"] < seconds["dense"]:
+            if "fp16" not in tiers:
+                tiers["int4"] = INT4_MAX_ROWS
+            elif seconds["int4"] < seconds["fp16"]:
+                tiers["int4"] = INT4_BESIDE_FP16_ROWS
+    return tiers
 
 
 def _forced(flag: str) -> int | None:
@@ -167,39 +167,37 @@ def _forced(flag: str) -> int | None:
     if not value:
         return None
     if not value.isdigit():
-        raise ValueError(f"{flag}={value!r} is not a number of rows (0: off)")
+        raise ValueError(f"{flag}={value!r} is not a number of rows (0: off, N: steps of up to N rows)")
     return int(value)
 
 
 @functools.cache
-def fp16_matmul_pays() -> bool:
-    """About 0.3 s (mostly packing), once per process: torch has fbgemm's fp16 GEMM, and one row through 12
-    weights of SmolLM2's MLP shape (1536 x 576, read from memory as a decode step reads them) is faster
-    through their fp16 copies than through float32 here."""
-    if not fp16_kernel_available():
-        return False
-    dense = [torch.ones(1536, 576) for _ in range(12)]
-    copies = [Fp16Weight.pack(w) for w in dense]
-    x = torch.ones(1, 576)
-
-    fp16 = _fastest(lambda: [fp16_matmul(x, w) for w in copies], 4, 1)
-    return fp16 < _fastest(lambda: [torch.nn.functional.linear(x, w) for w in dense], 4, 1)
-
-
-@functools.cache
-def int4_matmul_pays() -> bool:
-    """Some 50 ms, once per process: torch has the int4 kernel, and one row through 12 weights of SmolLM2's
-    MLP shape (1536 x 576; 42 MB in float32, so read from memory as a decode step reads them, not from the
-    cache) is faster through their 4-bit copies than through float32 here."""
-    if not int4_kernel_available():
-        return False
-    q = torch.zeros(1536, 576, dtype=torch.uint8)
-    copies = [Int4Weight.pack(Int4Rows(q, torch.ones(1536, 18), torch.zeros(1536, 18))) for _ in range(12)]
-    dense = [torch.ones(1536, 576) for _ in range(12)]
-    x = torch.ones(1, 576)
-
-    int4 = _fastest(lambda: [int4_matmul(x, w) for w in copies], 4, 1)
-    return int4 < _fastest(lambda: [torch.nn.functional.linear(x, w) for w in dense], 4, 1)
+def one_row_seconds(kinds: tuple[str, ...], dtype: torch.dtype, threads: int) -> dict[str, float]:
+    """About 0.3 s (mostly packing), once per process, dtype and thread count (the kernels split their work
+    over torch's threads, each its own way): the seconds one row of `dtype` takes through 12 weights of
+    SmolLM2's MLP shape (1536 x 576; 42 MB in float32, so read from memory as a decode step reads them, not
+    from the cache), dense in `dtype` ("dense", always measured) and through each packed copy in `kinds`
+    ("fp16", "int4"). The candidates run in turns, best of 8 each, so a burst of load elsewhere hits all
+    alike."""
+    g = torch.Generator().manual_seed(0)
+    dense = [(torch.randn(1536, 576, generator=g) * 0.05).to(dtype) for _ in range(12)]
+    x = torch.randn(1, 576, generator=g).to(dtype)
+    runs: dict[str, Callable[[], object]] = {"dense": lambda: [torch.nn.functional.linear(x, w) for w in dense]}
+    if "fp16" in kinds:
+        fp16 = [Fp16Weight.pack(w.float()) for w in dense]
+        runs["fp16"] = lambda: [fp16_matmul(x, w) for w in fp16]
+    if "int4" in kinds:
+        q = torch.randint(0, 16, (1536, 576), dtype=torch.uint8, generator=g)
+        int4 = [Int4Weight.pack(Int4Rows(q, torch.rand(1536, 18) * 0.01, torch.zeros(1536, 18))) for _ in dense]
+        runs["int4"] = lambda: [int4_matmul(x, w) for w in int4]
+    best = dict.fromkeys(runs, float("inf"))
+    for turn in range(9):
+        for kind, run in runs.items():
+            start = time.perf_counter()
+            run()
+            if turn:  # the first turn warms up
+                best[kind] = min(best[kind], time.perf_counter() - start)
+    return best
 
 
 def _fastest(run: Callable[[], object], times: int, warm_up: int) -> float:
