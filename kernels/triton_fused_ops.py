@@ -13,9 +13,21 @@ after silu), so results agree with torch to the last bit or one rounding step.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+
+def fusing() -> bool:
+    """Whether the GPU path fuses ops across kernels' edges: the norm and activation into the one-row GEMV,
+    the KV store into rotary, the split merge into paged attention. MINIENGINE_CUDA_FUSE=0 runs each apart
+    (to measure what fusing gives, or to rule it out when something looks wrong)."""
+    flag = os.environ.get("MINIENGINE_CUDA_FUSE", "1")
+    if flag not in ("0", "1"):
+        raise ValueError(f"MINIENGINE_CUDA_FUSE={flag!r} is not 0 (separate kernels) or 1 (fused)")
+    return flag == "1"
 
 
 def rms_norm(

@@ -17,12 +17,13 @@ few candidates and keeps the fastest (a few milliseconds, once, before any CUDA 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 import triton
 import triton.language as tl
+
+from miniengine.kernels.triton_fused_ops import fusing
 
 # (BLOCK_N, BLOCK_K, num_warps): the fastest shapes measured on an H100 for Qwen3-0.6B and Llama-3-8B layers.
 CANDIDATES = ((4, 1024, 8), (8, 1024, 8), (16, 512, 8), (8, 512, 4))
@@ -38,7 +39,7 @@ class GemvWeight:
     nbytes: int = 0  # no second copy
     max_rows: int = 1
     # the layers may run the op before the matmul inside it (`normed_matmul`, `silu_matmul`); turned off by
-    # MINIENGINE_CUDA_FUSE=0, as the rotary + KV store kernel is (to measure what fusing gives)
+    # MINIENGINE_CUDA_FUSE=0 (`fusing`), as the rotary + KV store kernel and the in-kernel split merge are
     fuses: bool = field(default_factory=lambda: fusing())
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,13 +52,6 @@ class GemvWeight:
 
     def silu_matmul(self, x: torch.Tensor) -> torch.Tensor:
         return gemv_silu_and_mul(x, self.weight)
-
-
-def fusing() -> bool:
-    flag = os.environ.get("MINIENGINE_CUDA_FUSE", "1")
-    if flag not in ("0", "1"):
-        raise ValueError(f"MINIENGINE_CUDA_FUSE={flag!r} is not 0 (separate kernels) or 1 (fused)")
-    return flag == "1"
 
 
 # What each program does to x as it loads it (the op before the matmul, fused so it needs no launch):

@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 
 from miniengine.kernels.paged_attention import PagedMetadata
+from miniengine.kernels.triton_fused_ops import fusing
 
 # Flash-decoding heuristic: split while (tiles x KV heads) gives fewer than TARGET_PROGRAMS_PER_SM programs
 # per SM, never below MIN_KEYS_PER_SPLIT keys per split, nor more than MAX_SPLITS.
@@ -185,12 +186,13 @@ def paged_attention(
     plan = plan_launch(num_tokens, num_heads, num_kv_heads, head_dim, metadata, query.device, num_splits, config)
     num_splits = plan.num_splits
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    merge_in_kernel = fusing()  # MINIENGINE_CUDA_FUSE=0: the partials merged by a second kernel instead
     if num_splits == 1:
         part_out = part_lse = counters = out  # unused
     else:
         part_out = torch.empty(num_splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=out.device)
         part_lse = torch.empty(num_splits, num_tokens, num_heads, dtype=torch.float32, device=out.device)
-        counters = _split_counters(out.device, plan.num_tiles * num_kv_heads)
+        counters = _split_counters(out.device, plan.num_tiles * num_kv_heads) if merge_in_kernel else out
     block_tables = metadata.block_tables
     _paged_attention_kernel[(plan.num_tiles, num_kv_heads, num_splits)](
         out, part_out, part_lse, counters, query, k_cache, v_cache,
@@ -204,7 +206,7 @@ def paged_attention(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
         GROUP=group, GROUP_PAD=triton.next_power_of_2(group), BLOCK_Q=plan.block_q, BLOCK_M=plan.block_m,
         BLOCK_N=plan.config.block_n,
-        BLOCK_SIZE=block_size, SPLIT=num_splits > 1, DECODE=plan.decode,
+        BLOCK_SIZE=block_size, SPLIT=num_splits > 1, MERGE=merge_in_kernel, DECODE=plan.decode,
         # triton 3.9's interpreter returns garbage from tl.dot on bf16 operands: there, dot in fp32.
         UPCAST_DOT=interpret and query.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
@@ -212,6 +214,12 @@ def paged_attention(
         OFFSETS_32=not plan.decode and max(_span(k_cache), _span(v_cache)) <= MAX_INT32_SPAN,
         num_warps=plan.config.num_warps, num_stages=plan.config.num_stages,
     )  # fmt: skip
+    if num_splits > 1 and not merge_in_kernel:
+        _merge_splits_kernel[(num_tokens, num_kv_heads)](
+            out, part_out, part_lse, num_splits, out.stride(0), out.stride(1), num_tokens * num_heads * head_dim,
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), GROUP=group,
+            GROUP_PAD=triton.next_power_of_2(group),
+        )  # fmt: skip
     return out
 
 
@@ -316,8 +324,8 @@ def _paged_attention_kernel(
     stride_bt, stride_part,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    SPLIT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, SHARED_OFFSETS: tl.constexpr,
-    OFFSETS_32: tl.constexpr, DECODE: tl.constexpr,
+    SPLIT: tl.constexpr, MERGE: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SHARED_OFFSETS: tl.constexpr, OFFSETS_32: tl.constexpr, DECODE: tl.constexpr,
 ):  # fmt: skip
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # the last (longest) query tiles first: a shorter tail
     kv_head = tl.program_id(1)
@@ -388,6 +396,8 @@ def _paged_attention_kernel(
         tl.store(part_out_ptr + part[:, None] + dims[None, :], acc, mask=q_mask)
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
         tl.store(part_lse_ptr + split.to(tl.int64) * (stride_part // HEAD_DIM) + row, lse, mask=row_ok)
+        if not MERGE:
+            return  # merged by `_merge_splits_kernel`
         # Every thread's partials written, then one arrival (release: they are visible to whoever sees it).
         tl.debug_barrier()
         counter = counters_ptr + tl.program_id(0) * tl.num_programs(1) + kv_head
@@ -398,6 +408,25 @@ def _paged_attention_kernel(
             tl.store(o_ptrs, merged.to(out_ptr.dtype.element_ty), mask=q_mask)
     else:
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _merge_splits_kernel(
+    out_ptr, part_out_ptr, part_lse_ptr, num_splits, stride_ot, stride_oh, stride_part,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+):  # fmt: skip
+    """The merge as a second launch (MINIENGINE_CUDA_FUSE=0): one program per (token, KV head)."""
+    token = tl.program_id(0).to(tl.int64)
+    group = tl.arange(0, GROUP_PAD)
+    head = tl.program_id(1) * GROUP + group
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    row_ok = group < GROUP
+    mask = row_ok[:, None] & (dims < HEAD_DIM)[None, :]
+    row = token * tl.num_programs(1) * GROUP + head  # (token, head) in the partials
+    merged = _merge_splits(part_out_ptr, part_lse_ptr, row, dims, row_ok, mask, num_splits, stride_part,
+                           HEAD_DIM, GROUP_PAD, HEAD_DIM_PAD)  # fmt: skip
+    o_ptrs = out_ptr + token * stride_ot + head[:, None] * stride_oh + dims[None, :]
+    tl.store(o_ptrs, merged.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

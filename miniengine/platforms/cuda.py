@@ -50,11 +50,11 @@ class CudaPlatform(Platform):
     def kernels(self) -> Kernels:
         from miniengine.kernels import triton_fused_ops as ops
         from miniengine.kernels import triton_moe
-        from miniengine.kernels.triton_gemv import fusing
         from miniengine.kernels.triton_paged_attention import paged_attention, store_kv
 
+        rotary_store = ops.rotary_store if ops.fusing() else None  # MINIENGINE_CUDA_FUSE=0: rotary, then store_kv
         return Kernels("triton", store_kv, paged_attention, ops.rms_norm, ops.rotary, ops.silu_and_mul,
-                       triton_moe.fused_moe, ops.qk_norm_rotary, ops.rotary_store if fusing() else None)  # fmt: skip
+                       triton_moe.fused_moe, ops.qk_norm_rotary, rotary_store)  # fmt: skip
 
     def memory_info(self) -> tuple[int, int]:
         return torch.cuda.mem_get_info()
