@@ -3,7 +3,7 @@
     python bench/latency.py                          # Qwen3-0.6B and Llama-3-8B shapes, random weights
     python bench/latency.py --presets qwen3-0.6b --tensor-parallel-size 2
     python bench/latency.py --skip-hf --compare-sync  # also synchronous steps (async scheduling off), same run
-    python bench/latency.py --compare-unfused         # also with the fused decode kernels off, same run
+    python bench/latency.py --compare-fused           # also with the fused decode kernels on, same run
 
 One request: a 512-token prompt of random ids, 128 tokens out (greedy, ignore_eos). ms/token counts the decode
 steps only (first token to last), so prefill is not in it. The floor of a decode step is reading every weight
@@ -96,9 +96,7 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--compare-sync", action="store_true", help="also time synchronous steps (async off)")
     parser.add_argument(
-        "--compare-unfused",
-        action="store_true",
-        help="also time the one-row decode with its fused kernels off (MINIENGINE_CUDA_FUSE=0)",
+        "--compare-fused", action="store_true", help="also time the decode with fused kernels (MINIENGINE_CUDA_FUSE=1)"
     )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -116,12 +114,15 @@ def main() -> None:
             sync_per_token, _, engine = ours(name, prompt, args.output_len, 1, async_scheduling=False)
             sync_ms = 1e3 * sync_per_token
             release(engine)
-        unfused_ms = None
-        if args.compare_unfused:  # the same run with each norm, activation and KV store in its own kernel
-            os.environ["MINIENGINE_CUDA_FUSE"] = "0"
-            unfused_per_token, _, engine = ours(name, prompt, args.output_len, args.tensor_parallel_size)
-            unfused_ms = 1e3 * unfused_per_token
-            del os.environ["MINIENGINE_CUDA_FUSE"]
+        fused_ms = None
+        if args.compare_fused:  # the same run with norms, activation, KV store and split merge fused
+            previous = os.environ.get("MINIENGINE_CUDA_FUSE")
+            os.environ["MINIENGINE_CUDA_FUSE"] = "1"
+            fused_per_token, _, engine = ours(name, prompt, args.output_len, args.tensor_parallel_size)
+            fused_ms = 1e3 * fused_per_token
+            os.environ.pop("MINIENGINE_CUDA_FUSE")
+            if previous is not None:
+                os.environ["MINIENGINE_CUDA_FUSE"] = previous
             release(engine)
         mean_context = args.prompt_len + args.output_len / 2
         # With tensor parallelism each GPU reads its shard at once: engine.runner.model is rank 0's shard, so
@@ -130,8 +131,9 @@ def main() -> None:
         row = {"preset": name, "ms_per_token": 1e3 * per_token, "floor_ms": 1e3 * floor,
                "ratio_to_floor": floor / per_token, "tensor_parallel_size": args.tensor_parallel_size,
                "async_scheduling": overlapped}  # fmt: skip
-        if unfused_ms is not None:
-            row["unfused_ms_per_token"] = unfused_ms
+        if fused_ms is not None:
+            row["fused_ms_per_token"] = fused_ms
+            row["fused_ratio_to_floor"] = 1e3 * floor / fused_ms
         if sync_ms is not None:
             row["sync_ms_per_token"] = sync_ms
             row["sync_ratio_to_floor"] = 1e3 * floor / sync_ms

@@ -20,10 +20,10 @@ near the diagonal, are masked.
 
 Flash-decoding: a decode has one query token, so a batch of a few long sequences would give too few
 programs to fill the GPU. The keys are then split across programs; each writes its partial output and
-log-sum-exp, and the last of them to finish merges them (weights exp(lse_s - max lse)); it knows it is
-last from a counter per (tile, KV head) that each program increments once its partials are written, and
-sets the counter back to 0 for the next launch. No second kernel: at one sequence a launch costs as much
-as the merge.
+log-sum-exp, and a small second kernel merges them (weights exp(lse_s - max lse)). With
+MINIENGINE_CUDA_FUSE=1 the last of them to finish merges them instead: it knows it is last from a counter
+per (tile, KV head) that each program increments once its partials are written, and sets the counter back
+to 0 for the next launch (at one sequence a launch costs as much as the merge).
 
     keys  |-------- split 0 --------|-------- split 1 --------|---- split 2 ----|
             (o0, lse0)                (o1, lse1)                (o2, lse2)   ->  o = sum_s w_s o_s / sum_s w_s

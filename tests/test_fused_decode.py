@@ -22,6 +22,7 @@ PROMPTS = [[5, 9, 200, 31, 7], [100, 3, 3, 47, 250, 11, 60, 2, 99]]
 
 @pytest.mark.parametrize("name", ["qwen2", "qwen3"])
 def test_triton_kernels_equal_torch(tmp_path, monkeypatch, name):
+    monkeypatch.setenv("MINIENGINE_CUDA_FUSE", "1")
     directory = make_tiny_model(tmp_path, name)
     options = dict(device="cpu", dtype="float32", enforce_eager=True, num_kv_blocks=32, block_size=8,
                    max_num_seqs=4, stat_loggers=[])  # fmt: skip

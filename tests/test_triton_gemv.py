@@ -78,15 +78,16 @@ def test_silu_and_mul_prologue_equals_activation_then_gemv(n, k, dtype):
         triton_gemv.gemv_silu_and_mul(gate_up[:, :k], weight)
 
 
-def test_decoder_layer_fuses_only_one_row_steps():
+def test_decoder_layer_fuses_only_one_row_steps(monkeypatch):
     """A Llama layer with GEMV views attached: a one-row step (both norms and the activation fused into the
     GEMVs) and a three-row step (separate kernels) give the layer's plain outputs."""
     from types import SimpleNamespace
 
     from miniengine.forward_context import ForwardContext, Kernels, set_forward_context
-    from miniengine.models.layers import RMSNorm
+    from miniengine.models.layers import RMSNorm, fused_prologue
     from miniengine.models.llama import LlamaMLP
 
+    monkeypatch.setenv("MINIENGINE_CUDA_FUSE", "1")
     torch.manual_seed(0)
     config = SimpleNamespace(hidden_size=64, intermediate_size=96, hidden_act="silu")
     with set_forward_context(ForwardContext(None, Kernels("torch", None, None))):
@@ -98,6 +99,8 @@ def test_decoder_layer_fuses_only_one_row_steps():
             plain = [norm.then(mlp.gate_up_proj, x[i : i + 1], residual[i : i + 1]) for i in range(3)]
             plain_down = [mlp.down(gu) for gu, _ in plain]
             assert attach_gemv(model) == 2
+            assert fused_prologue(mlp.down_proj, x[:1, :96], "silu_matmul") is not None  # one row: fused
+            assert fused_prologue(mlp.down_proj, x[:, :96], "silu_matmul") is None  # three rows: apart
             for i, ((gu, res), down) in enumerate(zip(plain, plain_down)):
                 fused_gu, fused_res = norm.then(mlp.gate_up_proj, x[i : i + 1], residual[i : i + 1])
                 assert torch.equal(fused_res, res)
