@@ -396,16 +396,15 @@ def _paged_attention_kernel(
         tl.store(part_out_ptr + part[:, None] + dims[None, :], acc, mask=q_mask)
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
         tl.store(part_lse_ptr + split.to(tl.int64) * (stride_part // HEAD_DIM) + row, lse, mask=row_ok)
-        if not MERGE:
-            return  # merged by `_merge_splits_kernel`
-        # Every thread's partials written, then one arrival (release: they are visible to whoever sees it).
-        tl.debug_barrier()
-        counter = counters_ptr + tl.program_id(0) * tl.num_programs(1) + kv_head
-        if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:  # the last split of this tile: merge
-            tl.atomic_xchg(counter, 0)
-            merged = _merge_splits(part_out_ptr, part_lse_ptr, row, dims, row_ok, q_mask, num_splits, stride_part,
-                                   HEAD_DIM, BLOCK_M, HEAD_DIM_PAD)  # fmt: skip
-            tl.store(o_ptrs, merged.to(out_ptr.dtype.element_ty), mask=q_mask)
+        if MERGE:  # (else `_merge_splits_kernel` merges them)
+            # Every thread's partials written, then one arrival (release: they are visible to whoever sees it).
+            tl.debug_barrier()
+            counter = counters_ptr + tl.program_id(0) * tl.num_programs(1) + kv_head
+            if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:  # the last split of this tile: merge
+                tl.atomic_xchg(counter, 0)
+                merged = _merge_splits(part_out_ptr, part_lse_ptr, row, dims, row_ok, q_mask, num_splits,
+                                       stride_part, HEAD_DIM, BLOCK_M, HEAD_DIM_PAD)  # fmt: skip
+                tl.store(o_ptrs, merged.to(out_ptr.dtype.element_ty), mask=q_mask)
     else:
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=q_mask)
 
