@@ -265,6 +265,17 @@ def test_a_client_gone_before_its_answer_aborts_it(server, model):
 
 
 def test_one_log_line_per_request(server, client, model):
+    def lines() -> list[str]:
+        return [x for x in server.log_text().splitlines() if "POST /v1/completions 200" in x]
+
+    before = len(lines())
     client.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
-    line = [x for x in server.log_text().splitlines() if "POST /v1/completions 200" in x][-1]
-    assert "prompt_tokens=5 output_tokens=3" in line and "finish=length" in line and "cmpl-" in line
+    deadline = time.monotonic() + 10  # the line is written once the response is out: it may trail the client
+
+    def mine() -> list[str]:  # (an earlier test's request may log after this one's started)
+        return [x for x in lines()[before:] if "prompt_tokens=5 output_tokens=3" in x]
+
+    while not mine() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(mine()) == 1, lines()[before:]
+    assert "finish=length" in mine()[0] and "cmpl-" in mine()[0]
