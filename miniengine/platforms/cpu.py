@@ -9,9 +9,9 @@ What pays on a CPU is chosen here, measured rather than assumed:
   fbgemm's GEMM (float32 weights; steps of at most `FP16_MAX_ROWS` rows) where one row through it beats
   float32 here, and a GGUF's own Q4_0 / Q4_1 / Q8_0 matrices for torch's int4 kernel where one row through
   them beats float32 (and fp16, if kept: then for steps of at most `INT4_BESIDE_FP16_ROWS` rows, since fp16
-  wins from a few rows on; alone, `INT4_MAX_ROWS`). `load_format="dense"` (--load-format dense) keeps the
-  float32 weights only; `MINIENGINE_CPU_FP16` and `MINIENGINE_CPU_INT4` override the measurement: 0 off,
-  N on for steps of <= N rows.
+  wins from a few rows on; alone, `INT4_MAX_ROWS`, or `INT4_MAX_ROWS_BF16` beside bf16 weights).
+  `load_format="dense"` (--load-format dense) keeps the dense weights only; `MINIENGINE_CPU_FP16` and
+  `MINIENGINE_CPU_INT4` override the measurement: 0 off, N on for steps of <= N rows.
 """
 
 from __future__ import annotations
@@ -36,6 +36,10 @@ DEFAULT_KV_CACHE_GIB = 4.0
 # Steps of at most this many rows multiply by the 4-bit copy. On the 2-core AVX2 EPYC (SmolLM2's 30 layers,
 # weights from DRAM, bench/README.md) int4 takes 0.3x float32's time at 1 row, about 0.6x at 8, ~1x at 24.
 INT4_MAX_ROWS = 16
+# ... and where the dense weights are bf16 (a CPU that multiplies bf16 natively), whose matmul costs half of
+# float32's: on the 2-core Xeon (AMX, SmolLM2's 30 layers' shapes, 2 threads) int4 took 0.43x dense bf16's time
+# at 4 rows, 0.84x at 8, 1.11x at 12 and 1.46x at 16 (against float32: 0.67x at 16, 0.90x at 24).
+INT4_MAX_ROWS_BF16 = 8
 # ... and beside an fp16 copy, which beats it from a few rows on (the kernel unpacks each weight once per row).
 INT4_BESIDE_FP16_ROWS = 2
 # fp16 through fbgemm, float32 weights: at 1 thread 0.54x float32's time at 1 row, 0.65x at 32, 0.75x at 64,
@@ -155,7 +159,7 @@ def packed_weights(dtype: torch.dtype, has_int4: bool) -> dict[str, int]:
             tiers["fp16"] = FP16_MAX_ROWS
         if "int4" in measured and seconds["int4"] < seconds["dense"]:
             if "fp16" not in tiers:
-                tiers["int4"] = INT4_MAX_ROWS
+                tiers["int4"] = INT4_MAX_ROWS if dtype == torch.float32 else INT4_MAX_ROWS_BF16
             elif seconds["int4"] < seconds["fp16"]:
                 tiers["int4"] = INT4_BESIDE_FP16_ROWS
     return tiers
