@@ -137,13 +137,12 @@ def _rotary(positions, q, k, cos, sin, q_weight, k_weight, eps, store=None):
     if num_tokens:
         half = head_dim // 2
         norm = q_weight is not None
-        v, k_cache, v_cache, slots = store if store is not None else (k, k, k, positions)
-        cache_strides = k_cache.stride()[:3] if store is not None else (0, 0, 0)
+        v, k_cache, v_cache, slots = store if store is not None else (k, k, k, positions)  # unread without one
+        cache_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3]) if store is not None else (0,) * 6
         _rotary_kernel[(num_tokens,)](
             positions, q, k, cos.contiguous(), sin.contiguous(), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             q_weight if norm else q, k_weight if norm else k, eps,
-            v, v.stride(0), v.stride(1), k_cache, v_cache, slots, *cache_strides, v_cache.stride(0), v_cache.stride(1),
-            v_cache.stride(2) if store is not None else 0,
+            v, v.stride(0), v.stride(1), k_cache, v_cache, slots, *cache_strides,
             HALF=half, HALF_PAD=triton.next_power_of_2(half), NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
             HEADS_PAD=triton.next_power_of_2(max(num_heads, num_kv_heads)), NORM=norm, STORE=store is not None,
             BLOCK_SIZE=k_cache.shape[1] if store is not None else 1,
