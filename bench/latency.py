@@ -4,6 +4,8 @@
     python bench/latency.py --presets qwen3-0.6b --tensor-parallel-size 2
     python bench/latency.py --skip-hf --compare-sync  # also synchronous steps (async scheduling off), same run
     python bench/latency.py --compare-fused           # also with the fused decode kernels on, same run
+    python bench/latency.py --compare-env MINIENGINE_CUDA_PDL=0 "MINIENGINE_CUDA_FUSE=0 MINIENGINE_CUDA_PDL=0"
+                                                      # also each of these settings, same run
 
 One request: a 512-token prompt of random ids, 128 tokens out (greedy, ignore_eos). ms/token counts the decode
 steps only (first token to last), so prefill is not in it. The floor of a decode step is reading every weight
@@ -17,10 +19,12 @@ of a [1, hidden] row over the N GPUs in a CUDA graph (bench/allreduce.py): `allr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import os
 import random
+import shlex
 import sys
 import tempfile
 import time
@@ -55,6 +59,22 @@ def ours(name: str, prompt: list[int], out_len: int, tp: int, **engine_options) 
             times.append(time.perf_counter())
         best = min(best, (times[-1] - times[0]) / (len(times) - 1))
     return best, times[0], engine
+
+
+@contextlib.contextmanager
+def environment(setting: str):
+    """Set 'VAR=VALUE VAR2=VALUE2' for the block, then restore what was there."""
+    pairs = dict(item.split("=", 1) for item in setting.split())
+    previous = {name: os.environ.get(name) for name in pairs}
+    os.environ.update(pairs)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
 
 
 def release(engine: Engine) -> None:
@@ -98,6 +118,10 @@ def main() -> None:
     parser.add_argument(
         "--compare-fused", action="store_true", help="also time the decode with fused kernels (MINIENGINE_CUDA_FUSE=1)"
     )
+    parser.add_argument(
+        "--compare-env", nargs="+", default=[], metavar="'VAR=VALUE ...'",
+        help="also time the decode under each of these environment settings (space-separated within one)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     bandwidth = gpu_copy_bandwidth(torch.device("cuda"))
@@ -114,15 +138,11 @@ def main() -> None:
             sync_per_token, _, engine = ours(name, prompt, args.output_len, 1, async_scheduling=False)
             sync_ms = 1e3 * sync_per_token
             release(engine)
-        fused_ms = None
-        if args.compare_fused:  # the same run with norms, activation, KV store and split merge fused
-            previous = os.environ.get("MINIENGINE_CUDA_FUSE")
-            os.environ["MINIENGINE_CUDA_FUSE"] = "1"
-            fused_per_token, _, engine = ours(name, prompt, args.output_len, args.tensor_parallel_size)
-            fused_ms = 1e3 * fused_per_token
-            os.environ.pop("MINIENGINE_CUDA_FUSE")
-            if previous is not None:
-                os.environ["MINIENGINE_CUDA_FUSE"] = previous
+        variants = {}  # the same run under other kernel settings (fusion, dependent launches)
+        for setting in args.compare_env + (["MINIENGINE_CUDA_FUSE=1"] if args.compare_fused else []):
+            with environment(setting):
+                variant_per_token, _, engine = ours(name, prompt, args.output_len, args.tensor_parallel_size)
+            variants[setting] = 1e3 * variant_per_token
             release(engine)
         mean_context = args.prompt_len + args.output_len / 2
         # With tensor parallelism each GPU reads its shard at once: engine.runner.model is rank 0's shard, so
@@ -131,9 +151,10 @@ def main() -> None:
         row = {"preset": name, "ms_per_token": 1e3 * per_token, "floor_ms": 1e3 * floor,
                "ratio_to_floor": floor / per_token, "tensor_parallel_size": args.tensor_parallel_size,
                "async_scheduling": overlapped}  # fmt: skip
-        if fused_ms is not None:
-            row["fused_ms_per_token"] = fused_ms
-            row["fused_ratio_to_floor"] = 1e3 * floor / fused_ms
+        if variants:
+            row["settings"] = {k: v for k, v in os.environ.items() if k.startswith("MINIENGINE_")}
+            row["variants"] = [{"env": setting, "ms_per_token": ms, "ratio_to_floor": 1e3 * floor / ms}
+                               for setting, ms in variants.items()]  # fmt: skip
         if sync_ms is not None:
             row["sync_ms_per_token"] = sync_ms
             row["sync_ratio_to_floor"] = 1e3 * floor / sync_ms
@@ -148,7 +169,7 @@ def main() -> None:
     result = {
         "benchmark": "single-sequence decode latency",
         "date": datetime.date.today().isoformat(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "device": torch.cuda.get_device_name(),
         "versions": versions("torch", "triton", "miniengine"),
         "settings": {
@@ -165,6 +186,8 @@ def main() -> None:
         hf, sync = r.get("transformers_ms_per_token"), r.get("sync_ms_per_token")
         print(f"{r['preset']:14} {r['ms_per_token']:9.3f} {r['floor_ms']:9.3f} {r['ratio_to_floor']:6.2f} "
               f"{'' if sync is None else f'{sync:8.3f}':>8} {'' if hf is None else f'{hf:16.2f}'}")  # fmt: skip
+        for v in r.get("variants", []):
+            print(f"  {v['env']:40} {v['ms_per_token']:9.3f} ms/token  ratio {v['ratio_to_floor']:.2f}")
     gpu = result["device"].replace("NVIDIA ", "").split()[0].lower()
     tp = f"-tp{args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
     out = args.out or RESULTS / f"latency{tp}-{gpu}-{result['date']}.json"

@@ -9,10 +9,25 @@ graphs capture them; same signatures and results as their references in `fused_o
 
 Each computes in float32 and rounds where the reference rounds (after the residual add, before the weight,
 after silu), so results agree with torch to the last bit or one rounding step.
+
+Programmatic dependent launch (PDL, Hopper and later; `pdl_options`). A decode step of a small model is ~170
+short kernels in a row, and between two of them the GPU idles: the next kernel is launched only once the
+last program of the one before has ended, and its first loads start from cold. With PDL every Triton kernel
+here is launched early, while the kernel before it is still finishing, and waits in `wait_for_inputs` until
+that kernel has ended and its writes are visible; what does not depend on it (a GEMV's first weight tile)
+it loads before waiting:
+
+    without   |== gemv A ==|  launch  |== gemv B ==|
+    with PDL  |== gemv A ==|
+                      |B: load weights, wait|== gemv B ==|
+
+Each kernel waits before it reads or writes anything another kernel touches, so a kernel ends only after
+the one before it has ended: the stream keeps its order. Torch's own kernels launch as before.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -22,13 +37,42 @@ import triton.language as tl
 
 def fusing() -> bool:
     """Whether the GPU path fuses ops across kernels' edges (MINIENGINE_CUDA_FUSE=1): the norm and activation
-    into the one-row GEMV, the KV store into rotary, the split merge into paged attention. Off by default
-    until these kernels have passed `pytest -m gpu` and the model parity tests on a GPU: so far they are
-    checked under Triton's interpreter only (tests/test_fused_decode.py and the kernels' tests)."""
+    into the one-row GEMV, the KV store into rotary. Off by default until these kernels have passed
+    `pytest -m gpu` and the model parity tests on a GPU."""
     flag = os.environ.get("MINIENGINE_CUDA_FUSE", "0")
     if flag not in ("0", "1"):
         raise ValueError(f"MINIENGINE_CUDA_FUSE={flag!r} is not 0 (separate kernels) or 1 (fused)")
     return flag == "1"
+
+
+def pdl_options(device: torch.device) -> dict:
+    """The launch options of a kernel that calls `wait_for_inputs`: PDL on a GPU that has it, unless
+    MINIENGINE_CUDA_PDL=0 (then, as on the CPU's interpreter, each kernel waits for the one before)."""
+    flag = os.environ.get("MINIENGINE_CUDA_PDL", "1")
+    if flag not in ("0", "1"):
+        raise ValueError(f"MINIENGINE_CUDA_PDL={flag!r} is not 0 (plain launches) or 1 (dependent launches)")
+    if flag == "1" and device.type == "cuda" and _has_pdl(device.index):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
+
+
+@functools.lru_cache(maxsize=8)
+def _has_pdl(index: int | None) -> bool:
+    if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.get_device_capability(index)[0] < 9:
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_pdl" in CUDAOptions.__dataclass_fields__ and hasattr(tl.extra.cuda, "gdc_wait")
+
+
+@triton.jit
+def wait_for_inputs(PDL: tl.constexpr):
+    """Under PDL: wait until the kernel before has ended (its writes visible), then let the next one launch."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 def rms_norm(
@@ -52,7 +96,7 @@ def rms_norm(
             x.stride(0), x.stride(1) if x.dim() == 3 else 0,
             residual.stride(0) if residual is not None else 0,
             HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(size),
-            num_warps=min(8, max(1, triton.next_power_of_2(size) // 256)),
+            num_warps=min(8, max(1, triton.next_power_of_2(size) // 256)), **pdl_options(x.device),
         )  # fmt: skip
     return out if residual is None else (out, new_residual)
 
@@ -60,8 +104,9 @@ def rms_norm(
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, w_ptr, out_ptr, res_ptr, new_res_ptr, eps, size, heads, stride_xt, stride_xh, stride_rt,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < size
@@ -145,7 +190,7 @@ def _rotary(positions, q, k, cos, sin, q_weight, k_weight, eps, store=None):
             v, v.stride(0), v.stride(1), k_cache, v_cache, slots, *cache_strides,
             HALF=half, HALF_PAD=triton.next_power_of_2(half), NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
             HEADS_PAD=triton.next_power_of_2(max(num_heads, num_kv_heads)), NORM=norm, STORE=store is not None,
-            BLOCK_SIZE=k_cache.shape[1] if store is not None else 1,
+            BLOCK_SIZE=k_cache.shape[1] if store is not None else 1, **pdl_options(q.device),
         )  # fmt: skip
     return q, k
 
@@ -185,8 +230,9 @@ def _rotary_kernel(
     v_ptr, stride_vt, stride_vh, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
-    HEADS_PAD: tl.constexpr, NORM: tl.constexpr, STORE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HEADS_PAD: tl.constexpr, NORM: tl.constexpr, STORE: tl.constexpr, BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_inputs(PDL)
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + token).to(tl.int64)
     cols = tl.arange(0, HALF_PAD)
@@ -221,12 +267,15 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows.shape[0], size, dtype=x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(size))
     if out.numel():
-        _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(size, block))](rows, out, size, rows.stride(0), BLOCK=block)
+        _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(size, block))](
+            rows, out, size, rows.stride(0), BLOCK=block, **pdl_options(x.device)
+        )
     return out.view(*x.shape[:-1], size)
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, size, stride_xt, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, size, stride_xt, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < size

@@ -11,6 +11,9 @@ and keeps one float32 partial sum per loaded element, folding them only at the e
     |=====|=====|=====|=====|    y[rows] = sum over acc's columns
       ^ BLOCK_K   x [K] broadcast down the rows
 
+The first weight tile is loaded before the kernel waits for its input: under programmatic dependent
+launch (`triton_fused_ops.py`) that load overlaps the end of the kernel before.
+
 The tile shape that streams best depends on the matrix, so the first call for each (N, K) on a GPU times a
 few candidates and keeps the fastest (a few milliseconds, once, before any CUDA graph is captured).
 """
@@ -23,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from miniengine.kernels.triton_fused_ops import fusing
+from miniengine.kernels.triton_fused_ops import fusing, pdl_options, wait_for_inputs
 
 # (BLOCK_N, BLOCK_K, num_warps): the fastest shapes measured on an H100 for Qwen3-0.6B and Llama-3-8B layers.
 CANDIDATES = ((4, 1024, 8), (8, 1024, 8), (16, 512, 8), (8, 512, 4))
@@ -134,7 +137,7 @@ def _launch(
         norm_weight if norm_weight is not None else x, eps,
         BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, PROLOGUE=prologue,
         HAS_RESIDUAL=residual is not None, K_PAD=triton.next_power_of_2(k) if prologue == RMS_NORM else 1,
-        num_warps=warps, num_stages=3,
+        num_warps=warps, num_stages=3, **pdl_options(x.device),
     )  # fmt: skip
 
 
@@ -154,14 +157,48 @@ def _load_x(x_ptr, res_ptr, cols, ok, K, HAS_RESIDUAL: tl.constexpr):
 
 
 @triton.jit
+def _load_w(w_rows, row_ok, cols, col_ok, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.load(w_rows + cols[None, :], mask=row_ok[:, None], other=0.0)
+    return tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _input_chunk(x_ptr, res_ptr, norm_w_ptr, inv_rms, cols, col_ok, K, PROLOGUE: tl.constexpr,
+                 HAS_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
+    """x at `cols`, after the op before the matmul (PROLOGUE), in float32."""
+    if PROLOGUE == 1:  # as rms_norm rounds: normalised in fp32, rounded, times the weight, rounded
+        x = _load_x(x_ptr, res_ptr, cols, col_ok, K, HAS_RESIDUAL)
+        g = tl.load(norm_w_ptr + cols, mask=col_ok, other=0.0)
+        x = (g.to(tl.float32) * (x.to(tl.float32) * inv_rms).to(x.dtype).to(tl.float32)).to(x.dtype)
+    elif PROLOGUE == 2:  # as silu_and_mul rounds: silu(gate) rounded, times up, rounded
+        gate = tl.load(x_ptr + cols, mask=col_ok, other=0.0)
+        up = tl.load(x_ptr + K + cols, mask=col_ok, other=0.0)
+        g = gate.to(tl.float32)
+        silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+        x = (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+    elif EVEN_K:
+        x = tl.load(x_ptr + cols)
+    else:
+        x = tl.load(x_ptr + cols, mask=col_ok, other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, y_ptr, N, K, stride_w, res_ptr, new_res_ptr, norm_w_ptr, eps,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PROLOGUE: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, K_PAD: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, K_PAD: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
+    # The first weight tile: no kernel writes it, so under PDL it loads while the kernel before still runs.
+    cols = tl.arange(0, BLOCK_K)
+    col_ok = cols < K
+    w = _load_w(w_rows, row_ok, cols, col_ok, EVEN_K)
+    wait_for_inputs(PDL)
+    inv_rms = 0.0
     if PROLOGUE == 1:  # RMSNorm: the whole row's mean square first (program 0 also writes x + residual)
         every = tl.arange(0, K_PAD)
         h = _load_x(x_ptr, res_ptr, every, every < K, K, HAS_RESIDUAL)
@@ -169,27 +206,12 @@ def _gemv_kernel(
             tl.store(new_res_ptr + every, h, mask=every < K)
         h = h.to(tl.float32)
         inv_rms = tl.math.rsqrt(tl.sum(h * h, 0) / K + eps)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    x = _input_chunk(x_ptr, res_ptr, norm_w_ptr, inv_rms, cols, col_ok, K, PROLOGUE, HAS_RESIDUAL, EVEN_K)
+    acc = w.to(tl.float32) * x[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
-        if EVEN_K:
-            w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None], other=0.0)
-        else:
-            w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        if PROLOGUE == 1:  # as rms_norm rounds: normalised in fp32, rounded, times the weight, rounded
-            x = _load_x(x_ptr, res_ptr, cols, col_ok, K, HAS_RESIDUAL)
-            g = tl.load(norm_w_ptr + cols, mask=col_ok, other=0.0)
-            x = (g.to(tl.float32) * (x.to(tl.float32) * inv_rms).to(x.dtype).to(tl.float32)).to(x.dtype)
-        elif PROLOGUE == 2:  # as silu_and_mul rounds: silu(gate) rounded, times up, rounded
-            gate = tl.load(x_ptr + cols, mask=col_ok, other=0.0)
-            up = tl.load(x_ptr + K + cols, mask=col_ok, other=0.0)
-            g = gate.to(tl.float32)
-            silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
-            x = (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
-        elif EVEN_K:
-            x = tl.load(x_ptr + cols)
-        else:
-            x = tl.load(x_ptr + cols, mask=col_ok, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        w = _load_w(w_rows, row_ok, cols, col_ok, EVEN_K)
+        x = _input_chunk(x_ptr, res_ptr, norm_w_ptr, inv_rms, cols, col_ok, K, PROLOGUE, HAS_RESIDUAL, EVEN_K)
+        acc += w.to(tl.float32) * x[None, :]
     tl.store(y_ptr + rows, tl.sum(acc, 1).to(y_ptr.dtype.element_ty), mask=row_ok)

@@ -168,6 +168,16 @@ def test_bad_inputs_raise():
         tfo.rotary(torch.zeros(3, dtype=torch.long), randn(3, 2, 8), randn(3, 2, 6), randn(10, 4), randn(10, 4))
 
 
+def test_dependent_launch_setting(monkeypatch):
+    """PDL only where a GPU has it: never on the CPU (the interpreter), and MINIENGINE_CUDA_PDL is 0 or 1."""
+    assert tfo.pdl_options(torch.device("cpu")) == {"PDL": False}
+    monkeypatch.setenv("MINIENGINE_CUDA_PDL", "yes")
+    with pytest.raises(ValueError, match="MINIENGINE_CUDA_PDL"):
+        tfo.pdl_options(torch.device("cpu"))
+    monkeypatch.setenv("MINIENGINE_CUDA_PDL", "0")
+    assert tfo.pdl_options(torch.device("cpu")) == {"PDL": False}
+
+
 # ---- a real model's sizes on a GPU (pytest -m gpu) -----------------------------------------------------
 
 

@@ -152,3 +152,35 @@ def test_gpu_real_shapes(n, k):
     gate_up = 2 * torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16)
     y = triton_gemv.gemv_silu_and_mul(gate_up, weight)
     torch.testing.assert_close(y.float(), reference(silu_and_mul(gate_up), weight), rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_dependent_launches_in_a_graph_keep_the_stream_order(monkeypatch):
+    """Forty GEMVs in a row, each reading what the one before wrote (its first weight tile loaded before it
+    waits), replayed in a CUDA graph with dependent launches on (where the GPU has them), give the very
+    values of plain launches: no kernel reads its input early."""
+    torch.manual_seed(0)
+    hidden, inner = 1024, 3072
+    x = torch.randn(1, hidden, device="cuda", dtype=torch.bfloat16)
+    norm = torch.rand(hidden, device="cuda", dtype=torch.bfloat16) + 0.5
+    up = [torch.randn(2 * inner, hidden, device="cuda", dtype=torch.bfloat16) / hidden**0.5 for _ in range(20)]
+    down = [torch.randn(hidden, inner, device="cuda", dtype=torch.bfloat16) / inner**0.5 for _ in range(20)]
+
+    def chain():
+        h, residual = x, torch.zeros_like(x)
+        for gate_up, proj in zip(up, down):
+            y, residual = triton_gemv.gemv_rms_norm(h, residual, norm, 1e-6, gate_up)
+            h = triton_gemv.gemv_silu_and_mul(y, proj)
+        return h + residual
+
+    monkeypatch.setenv("MINIENGINE_CUDA_PDL", "0")
+    expected = chain()
+    monkeypatch.setenv("MINIENGINE_CUDA_PDL", "1")
+    chain()  # compiled and timed outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain()
+    for _ in range(3):
+        graph.replay()
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
