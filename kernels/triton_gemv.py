@@ -42,7 +42,7 @@ class GemvWeight:
     nbytes: int = 0  # no second copy
     max_rows: int = 1
     # the layers may run the op before the matmul inside it (`normed_matmul`, `silu_matmul`); turned off by
-    # MINIENGINE_CUDA_FUSE=0 (`fusing`), as the rotary + KV store kernel and the in-kernel split merge are
+    # MINIENGINE_CUDA_FUSE=0 (`fusing`), as the rotary + KV store kernel is
     fuses: bool = field(default_factory=lambda: fusing())
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:

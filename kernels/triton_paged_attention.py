@@ -79,6 +79,11 @@ TILE_CONFIGS: dict[str, dict[int, TileConfig]] = {
     "mixed": {64: TileConfig(64, 64, 4, 3), 128: TileConfig(64, 64, 4, 3), 256: TileConfig(64, 32, 8, 2)},
     "prefill": {64: TileConfig(128, 64, 4, 3), 128: TileConfig(128, 64, 4, 3), 256: TileConfig(64, 64, 8, 2)},
 }
+# float32 (the parity tests' dtype, never a fast one): smaller prefill and mixed tiles, since ptxas takes ~44 s
+# over the 128-row, 3-stage fp32 kernel at head_dim 128 (~6 s for this one; sm90, measured on the CPU with
+# `triton.compile`), once per variant on a fresh machine.
+FP32_TILE_CONFIGS: dict[int, TileConfig] = {64: TileConfig(32, 64, 4, 2), 128: TileConfig(32, 64, 4, 2),
+                                            256: TileConfig(32, 32, 4, 2)}  # fmt: skip
 
 
 def batch_kind(num_tokens: int, num_seqs: int, max_query_len: int) -> str:
@@ -89,8 +94,11 @@ def batch_kind(num_tokens: int, num_seqs: int, max_query_len: int) -> str:
     return "mixed" if 4 * num_tokens < num_seqs * max_query_len else "prefill"
 
 
-def tile_config(head_dim: int, num_tokens: int, num_seqs: int, max_query_len: int) -> TileConfig:
-    configs = TILE_CONFIGS[batch_kind(num_tokens, num_seqs, max_query_len)]
+def tile_config(
+    head_dim: int, num_tokens: int, num_seqs: int, max_query_len: int, dtype: torch.dtype = torch.bfloat16
+) -> TileConfig:
+    kind = batch_kind(num_tokens, num_seqs, max_query_len)
+    configs = FP32_TILE_CONFIGS if dtype == torch.float32 and kind != "decode" else TILE_CONFIGS[kind]
     return configs[64 if head_dim <= 64 else 128 if head_dim <= 128 else 256]
 
 
@@ -127,11 +135,12 @@ def plan_launch(
     device: torch.device,
     num_splits: int | None = None,
     config: TileConfig | None = None,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> LaunchPlan:
     """Tile sizes and grid of a batch, from host integers only (so a captured graph stays valid)."""
     num_seqs = metadata.seq_lens.shape[0]
     group_pad = triton.next_power_of_2(num_heads // num_kv_heads)
-    config = config or tile_config(head_dim, num_tokens, num_seqs, metadata.max_query_len)
+    config = config or tile_config(head_dim, num_tokens, num_seqs, metadata.max_query_len, dtype)
     block_m = max(config.block_m, group_pad)
     block_q = block_m // group_pad
     if num_splits is None:
@@ -181,7 +190,9 @@ def paged_attention(
         return out
 
     group = num_heads // num_kv_heads
-    plan = plan_launch(num_tokens, num_heads, num_kv_heads, head_dim, metadata, query.device, num_splits, config)
+    plan = plan_launch(
+        num_tokens, num_heads, num_kv_heads, head_dim, metadata, query.device, num_splits, config, query.dtype
+    )
     num_splits = plan.num_splits
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if num_splits == 1:

@@ -168,8 +168,20 @@ def test_bad_inputs_raise():
         tfo.rotary(torch.zeros(3, dtype=torch.long), randn(3, 2, 8), randn(3, 2, 6), randn(10, 4), randn(10, 4))
 
 
+def test_fusion_setting(monkeypatch):
+    """Fused by default; MINIENGINE_CUDA_FUSE=0 keeps the ops apart; anything else is an error naming it."""
+    monkeypatch.delenv("MINIENGINE_CUDA_FUSE", raising=False)
+    assert tfo.fusing()
+    monkeypatch.setenv("MINIENGINE_CUDA_FUSE", "0")
+    assert not tfo.fusing()
+    monkeypatch.setenv("MINIENGINE_CUDA_FUSE", "on")
+    with pytest.raises(ValueError, match="MINIENGINE_CUDA_FUSE"):
+        tfo.fusing()
+
+
 def test_dependent_launch_setting(monkeypatch):
     """PDL only where a GPU has it: never on the CPU (the interpreter), and MINIENGINE_CUDA_PDL is 0 or 1."""
+    monkeypatch.setenv("MINIENGINE_CUDA_PDL", "1")
     assert tfo.pdl_options(torch.device("cpu")) == {"PDL": False}
     monkeypatch.setenv("MINIENGINE_CUDA_PDL", "yes")
     with pytest.raises(ValueError, match="MINIENGINE_CUDA_PDL"):

@@ -176,7 +176,10 @@ def test_gpu_dependent_launches_in_a_graph_keep_the_stream_order(monkeypatch):
 
     monkeypatch.setenv("MINIENGINE_CUDA_PDL", "0")
     expected = chain()
+    assert triton_gemv.pdl_options(x.device)["PDL"] is False
     monkeypatch.setenv("MINIENGINE_CUDA_PDL", "1")
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert triton_gemv.pdl_options(x.device)["PDL"] is True, "Hopper and later launch dependent kernels"
     chain()  # compiled and timed outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
