@@ -23,7 +23,9 @@ and `server_over_offline`, the fraction of offline output tokens/s the server ke
 with the thread mode). Where TTFT goes: `accepted_ms` is the time from the first request sent until the
 server had accepted them all (the last response headers: the burst's intake, with --request-rate inf), and
 `engine_ttft_mean_ms` the engine's own mean TTFT over the run (arrival in the engine to first token, from the
-server's /metrics), beside the clients' `ttft_ms`.
+server's /metrics), beside the clients' `ttft_ms`. Where the engine's time goes, in both modes: `engine_steps`,
+`tokens_per_step_mean` (prompt and sampled tokens a step computed) and `step_ms_mean` (the server's
+`iteration_tokens_total` and `engine_step_seconds` histograms; offline, the same from a stat logger).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from miniengine.cli import add_config_flags, given  # noqa: E402
 from miniengine.config import EngineConfig  # noqa: E402
 from miniengine.gguf_loader import bundled_smollm2_path  # noqa: E402
 from miniengine.loader import open_checkpoint  # noqa: E402
+from miniengine.stats import StepStats  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -209,7 +212,7 @@ def run_online(
     has each process's CPU time per output token: the server's (HTTP, one asyncio thread), its engine
     process's (and any workers'), the clients' (summed), and how busy each was (CPU seconds per second)."""
     asyncio.run(send_jobs(base_url, model, warm_up, float("inf"), None, args.seed))
-    engine_ttft = _engine_ttft(base_url)
+    engine_before = _engine_figures(base_url)
     n = max(1, min(args.client_processes, len(jobs)))
     concurrency = -(-args.max_concurrency // n) if args.max_concurrency else None
     server_cpu = _process_cpu(server_pid) if server_pid else None
@@ -227,7 +230,7 @@ def run_online(
             ]
             outs = [part.result() for part in parts]
     server_cpu = {k: v - server_cpu[k] for k, v in _process_cpu(server_pid).items()} if server_pid else {}
-    engine_ttft = [b - a for a, b in zip(engine_ttft, _engine_ttft(base_url))]
+    engine = {k: v - engine_before[k] for k, v in _engine_figures(base_url).items()}
     results = [r for out, _, _, _ in outs for r in out]
     start, end = min(s for _, s, _, _ in outs), max(e for _, _, e, _ in outs)
     errors = [r["error"] for r in results if "error" in r]
@@ -245,7 +248,8 @@ def run_online(
         # With client processes, perf_counter is the machine's monotonic clock: comparable across them.
         accepted_ms=1e3 * (max(r["accepted"] for r in done) - min(r["start"] for r in done)) if done else None,
         accept_ms=_percentiles([1e3 * (r["accepted"] - r["start"]) for r in done]),
-        engine_ttft_mean_ms=1e3 * engine_ttft[0] / engine_ttft[1] if engine_ttft[1] else None,
+        engine_ttft_mean_ms=1e3 * engine["ttft_sum"] / engine["ttft_count"] if engine["ttft_count"] else None,
+        **_step_figures(engine["steps"], engine["step_tokens"], engine["step_seconds"]),
         # A stream that falls behind gets several tokens in one chunk: the CPU per token depends on how many
         # chunks the server wrote for them.
         chunks_per_token=sum(r["chunks"] for r in done) / tokens,
@@ -256,19 +260,51 @@ def run_online(
     return row
 
 
-def _engine_ttft(base_url: str) -> tuple[float, float]:
-    """The engine's TTFT histogram so far (seconds summed, count) from the server's /metrics."""
+_ENGINE_SAMPLES = {  # what _engine_figures reads from /metrics
+    "ttft_sum": "time_to_first_token_seconds_sum",
+    "ttft_count": "time_to_first_token_seconds_count",
+    "steps": "engine_step_seconds_count",
+    "step_seconds": "engine_step_seconds_sum",
+    "step_tokens": "iteration_tokens_total_sum",
+}
+
+
+def _engine_figures(base_url: str) -> dict[str, float]:
+    """The engine's histograms so far from the server's /metrics: TTFT (seconds summed, count), steps, their
+    seconds and their tokens. All 0 for a server without them."""
     root = base_url.rstrip("/").removesuffix("/v1")
+    figures = dict.fromkeys(_ENGINE_SAMPLES, 0.0)
     try:
         text = httpx.get(root + "/metrics", timeout=30).text
     except httpx.HTTPError:  # a server without /metrics: no engine figure
-        return 0.0, 0.0
-    figures = dict.fromkeys(("sum", "count"), 0.0)
+        return figures
     for line in text.splitlines():
-        for name in figures:
-            if line.startswith(f"miniengine:time_to_first_token_seconds_{name}{{"):
-                figures[name] += float(line.rsplit(" ", 1)[1])
-    return figures["sum"], figures["count"]
+        for key, name in _ENGINE_SAMPLES.items():
+            if line.startswith(f"miniengine:{name}{{"):
+                figures[key] += float(line.rsplit(" ", 1)[1])
+    return figures
+
+
+def _step_figures(steps: float, tokens: float, seconds: float) -> dict:
+    if not steps:
+        return {}
+    return {"engine_steps": int(steps), "tokens_per_step_mean": tokens / steps, "step_ms_mean": 1e3 * seconds / steps}
+
+
+class _StepCounter:
+    """The offline engine's steps, their tokens and time: the figures the server's histograms give."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = self.tokens = 0
+        self.seconds = 0.0
+
+    def record(self, stats: StepStats) -> None:
+        self.steps += 1
+        self.tokens += stats.num_prompt_tokens + stats.num_generation_tokens
+        self.seconds += stats.step_time
 
 
 def _process_cpu(pid: int) -> dict[str, float]:
@@ -324,9 +360,11 @@ class Server:
 def run_offline(
     model: str | None, options: dict, jobs: list[tuple[list[int], int]], warm_up: list[tuple[list[int], int]]
 ) -> tuple[dict, Engine]:
-    engine = Engine(model, **options)
+    counter = _StepCounter()
+    engine = Engine(model, **options, stat_loggers=[counter])
     for batch in (warm_up, jobs):
         engine.reset_prefix_cache()
+        counter.reset()  # the timed batch's steps only
         params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for _, m in batch]
         start, cpu = time.perf_counter(), time.process_time()
         outs = engine.generate([p for p, _ in batch], params, use_tqdm=False)
@@ -335,6 +373,7 @@ def run_offline(
     row = _row(duration, len(outs), tokens, sum(len(p) for p, _ in jobs))
     # The engine's own CPU per output token, beside the engine process's in a server row.
     row.update(cpu_us_per_token={"engine": 1e6 * cpu / max(1, tokens)}, cpu_busy={"engine": cpu / duration})
+    row.update(_step_figures(counter.steps, counter.tokens, counter.seconds))
     return row, engine
 
 
@@ -411,6 +450,12 @@ def print_table(result: dict) -> None:
             print(
                 f"{name}: the burst accepted in {row['accepted_ms']:.0f} ms; TTFT mean {row['ttft_ms']['mean']:.0f} ms"
                 + (f" at the client, {engine:.0f} ms in the engine" if engine is not None else "")
+            )
+    for name, row in result["rows"].items():
+        if "engine_steps" in row:
+            print(
+                f"{name}: {row['engine_steps']} engine steps, {row['tokens_per_step_mean']:.0f} tokens "
+                f"and {row['step_ms_mean']:.2f} ms each on average"
             )
     for row in ("server", "thread"):
         if f"{row}_over_offline" in result:

@@ -27,6 +27,8 @@ from miniengine.stats import StepStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
 _REQUEST_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 120.0, 240.0, 480.0)
+_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12)
+_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 class PrometheusStatLogger:
@@ -58,6 +60,12 @@ class PrometheusStatLogger:
         self.ttft = histogram("time_to_first_token_seconds", "Arrival to first token.", _LATENCY_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Between two tokens of one sequence.", _LATENCY_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to the last token.", _REQUEST_BUCKETS)
+        # How the engine's time is spent: steps with few tokens each cost the host as much as full ones.
+        self.iteration_tokens = histogram(
+            "iteration_tokens_total", "Tokens one engine step computed (prompt chunks and sampled tokens).",
+            _TOKEN_BUCKETS,
+        )  # fmt: skip
+        self.step_time = histogram("engine_step_seconds", "One engine step: schedule, forward, sample.", _STEP_BUCKETS)
         self._finished = Counter(
             "miniengine:request_success", "Requests finished, by how.", ["model_name", "finished_reason"],
             registry=self.registry,
@@ -82,6 +90,8 @@ class PrometheusStatLogger:
         self.generation_tokens.inc(stats.num_generation_tokens)
         self.ttft.observe_all(stats.time_to_first_token)
         self.itl.observe_all(stats.inter_token_latency)
+        self.iteration_tokens.observe_all((stats.num_prompt_tokens + stats.num_generation_tokens,))
+        self.step_time.observe_all((stats.step_time,))
         for request in stats.finished:
             self.e2e.observe_all((request.e2e_latency,))
             self._finished.labels(self._model_name, request.finish_reason).inc()

@@ -242,6 +242,17 @@ def test_32_streams_with_a_third_leaving_early(server, model):
     assert metric(after, "miniengine:num_kv_blocks_used") == 0
     assert metric(after, "miniengine:num_requests_running") == 0
     assert metric(after, "miniengine:generation_tokens_total") > 16 * 21
+    # Every token computed was computed in some step: the step histogram's tokens are the two counters' sum
+    # (read again while a last step may still be on its way: a scrape is not one instant).
+    for _ in range(50):
+        text = httpx.get(server.root + "/metrics").text
+        computed = metric(text, "miniengine:prompt_tokens_total") + metric(text, "miniengine:generation_tokens_total")
+        if metric(text, "miniengine:iteration_tokens_total_sum") == computed:
+            break
+        time.sleep(0.1)
+    assert metric(text, "miniengine:iteration_tokens_total_sum") == computed
+    steps = metric(text, "miniengine:engine_step_seconds_count")
+    assert steps == metric(text, "miniengine:iteration_tokens_total_count") > 0
     sync = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
     assert "Paris" in sync.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0).choices[0].text
 

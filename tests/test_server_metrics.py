@@ -10,13 +10,21 @@ import time
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from miniengine.server.metrics import _LATENCY_BUCKETS, _REQUEST_BUCKETS, PrometheusStatLogger
+from miniengine.server.metrics import (
+    _LATENCY_BUCKETS,
+    _REQUEST_BUCKETS,
+    _STEP_BUCKETS,
+    _TOKEN_BUCKETS,
+    PrometheusStatLogger,
+)
 from miniengine.stats import RequestStats, StepStats
 
 HISTOGRAMS = {  # name -> buckets, and what of a step feeds it
     "time_to_first_token_seconds": (_LATENCY_BUCKETS, lambda s: s.time_to_first_token),
     "inter_token_latency_seconds": (_LATENCY_BUCKETS, lambda s: s.inter_token_latency),
     "e2e_request_latency_seconds": (_REQUEST_BUCKETS, lambda s: [r.e2e_latency for r in s.finished]),
+    "iteration_tokens_total": (_TOKEN_BUCKETS, lambda s: [s.num_prompt_tokens + s.num_generation_tokens]),
+    "engine_step_seconds": (_STEP_BUCKETS, lambda s: [s.step_time]),
 }
 
 
@@ -46,7 +54,10 @@ def test_the_histograms_match_prometheus_clients_own():
             for i in range(rng.randrange(4))
         )
         first = tuple(rng.expovariate(2) for _ in range(rng.randrange(5)))
-        stats = StepStats(time.monotonic(), 0.01, 8, 0, 64, 32, 0, 8, 0, 0, 0, first, tuple(latencies), finished)
+        step_time = rng.choice([rng.expovariate(50), *_STEP_BUCKETS])  # on a bound at times
+        prompt = rng.choice([0, 16, rng.randrange(3000)])
+        latencies = tuple(latencies)
+        stats = StepStats(time.monotonic(), step_time, 8, 0, 64, 32, prompt, 8, 0, 0, 0, first, latencies, finished)
         logger.record(stats)
         for name, (_, values) in HISTOGRAMS.items():
             for value in values(stats):
