@@ -79,9 +79,9 @@ TILE_CONFIGS: dict[str, dict[int, TileConfig]] = {
     "mixed": {64: TileConfig(64, 64, 4, 3), 128: TileConfig(64, 64, 4, 3), 256: TileConfig(64, 32, 8, 2)},
     "prefill": {64: TileConfig(128, 64, 4, 3), 128: TileConfig(128, 64, 4, 3), 256: TileConfig(64, 64, 8, 2)},
 }
-# float32 (the parity tests' dtype, never a fast one): smaller prefill and mixed tiles, since ptxas takes ~44 s
-# over the 128-row, 3-stage fp32 kernel at head_dim 128 (~6 s for this one; sm90, measured on the CPU with
-# `triton.compile`), once per variant on a fresh machine.
+# float32 (the parity tests' dtype, never a fast one): smaller prefill and mixed tiles. Compiling the 128-row,
+# 3-stage fp32 kernel at head_dim 128 for sm90 took 37 s (ptxas, on a 2-core CPU with `triton.compile`); this
+# tile took 4.7 s. A fresh machine compiles each variant once, and the model tests ran out of time on it.
 FP32_TILE_CONFIGS: dict[int, TileConfig] = {64: TileConfig(32, 64, 4, 2), 128: TileConfig(32, 64, 4, 2),
                                             256: TileConfig(32, 32, 4, 2)}  # fmt: skip
 
