@@ -64,6 +64,10 @@ class TileConfig:
     block_n: int  # keys per loop step
     num_warps: int
     num_stages: int
+    # q k^T and P V on tensor cores (tl.dot, at least 16 rows); False, decode only: products and sums on the
+    # CUDA cores over the real rows alone (one query token's heads of a KV head), as decode kernels without
+    # tensor cores do. A candidate of `bench/kernels/attention.py --sweep`, not yet in the tables.
+    dot: bool = True
 
 
 # Keyed on the batch kind, then head_dim (<= 64, <= 128, else 256). Decode is bandwidth-bound: the
@@ -141,7 +145,9 @@ def plan_launch(
     num_seqs = metadata.seq_lens.shape[0]
     group_pad = triton.next_power_of_2(num_heads // num_kv_heads)
     config = config or tile_config(head_dim, num_tokens, num_seqs, metadata.max_query_len, dtype)
-    block_m = max(config.block_m, group_pad)
+    if not config.dot and metadata.max_query_len > 1:
+        raise ValueError("a tile config without tl.dot serves decode batches (one query token each) only")
+    block_m = max(config.block_m, group_pad) if config.dot else group_pad
     block_q = block_m // group_pad
     if num_splits is None:
         useful_tiles = num_seqs + (num_tokens - num_seqs) // block_q
@@ -215,7 +221,7 @@ def paged_attention(
         BLOCK_N=plan.config.block_n,
         BLOCK_SIZE=block_size, SPLIT=num_splits > 1, DECODE=plan.decode,
         # triton 3.9's interpreter returns garbage from tl.dot on bf16 operands: there, dot in fp32.
-        UPCAST_DOT=interpret and query.dtype == torch.bfloat16,
+        UPCAST_DOT=interpret and query.dtype == torch.bfloat16, USE_DOT=plan.config.dot,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         SHARED_OFFSETS=shared_offsets and k_cache.stride()[:3] == v_cache.stride()[:3],
         OFFSETS_32=not plan.decode and max(_span(k_cache), _span(v_cache)) <= MAX_INT32_SPAN,
@@ -255,6 +261,7 @@ def _attend_keys(
     scale_log2, stride_kb, stride_ks, stride_vb, stride_vs,
     MASKED: tl.constexpr, DIM_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, SHARED_OFFSETS: tl.constexpr, OFFSETS_32: tl.constexpr,
+    USE_DOT: tl.constexpr,
 ):  # fmt: skip
     """One step of the online softmax over keys start .. start + BLOCK_N (masked: past kv_end or the diagonal)."""
     keys = start + tl.arange(0, BLOCK_N)
@@ -285,11 +292,16 @@ def _attend_keys(
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
-    if SHARED_OFFSETS:
-        k = tl.trans(k)
-    if UPCAST_DOT:
-        k = k.to(tl.float32)
-    s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
+    if USE_DOT:
+        if SHARED_OFFSETS:
+            k = tl.trans(k)
+        if UPCAST_DOT:
+            k = k.to(tl.float32)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
+    else:  # [rows, 1, D] * [1, BLOCK_N, D], summed over D: K as rows
+        if not SHARED_OFFSETS:
+            k = tl.trans(k)
+        s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2) * scale_log2
     if MASKED:
         s = tl.where(key_ok[None, :] & (keys[None, :] <= row_pos[:, None]), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -301,9 +313,12 @@ def _attend_keys(
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     p = p.to(v.dtype)  # P V in the cache dtype, accumulated in fp32, as flash attention does
-    if UPCAST_DOT:
-        p, v = p.to(tl.float32), v.to(tl.float32)
-    acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    if USE_DOT:
+        if UPCAST_DOT:
+            p, v = p.to(tl.float32), v.to(tl.float32)
+        acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    else:  # [rows, BLOCK_N, 1] * [1, BLOCK_N, D], summed over the keys
+        acc = acc * alpha[:, None] + tl.sum(p.to(tl.float32)[:, :, None] * v.to(tl.float32)[None, :, :], 1)
     return acc, l_i, m_new
 
 
@@ -318,7 +333,8 @@ def _paged_attention_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     SPLIT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SHARED_OFFSETS: tl.constexpr, OFFSETS_32: tl.constexpr, DECODE: tl.constexpr, PDL: tl.constexpr,
+    SHARED_OFFSETS: tl.constexpr, OFFSETS_32: tl.constexpr, DECODE: tl.constexpr, USE_DOT: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     wait_for_inputs(PDL)
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # the last (longest) query tiles first: a shorter tail
@@ -372,12 +388,14 @@ def _paged_attention_kernel(
             acc, l_i, m_i, q, start, kv_end, row_pos, table, k_head, v_head, dims, dim_ok,
             scale_log2, stride_kb, stride_ks, stride_vb, stride_vs,
             False, HEAD_DIM != HEAD_DIM_PAD, BLOCK_N, BLOCK_SIZE, UPCAST_DOT, DOT_PRECISION, SHARED_OFFSETS, OFFSETS_32,
+            USE_DOT,
         )  # fmt: skip
     for start in range(unmasked_end, kv_end, BLOCK_N):
         acc, l_i, m_i = _attend_keys(
             acc, l_i, m_i, q, start, kv_end, row_pos, table, k_head, v_head, dims, dim_ok,
             scale_log2, stride_kb, stride_ks, stride_vb, stride_vs,
             True, HEAD_DIM != HEAD_DIM_PAD, BLOCK_N, BLOCK_SIZE, UPCAST_DOT, DOT_PRECISION, SHARED_OFFSETS, OFFSETS_32,
+            USE_DOT,
         )  # fmt: skip
 
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no key seen (seq_len 0, empty split): zeros

@@ -109,6 +109,23 @@ def test_each_tile_config(kind):
     check(query, k_cache, v_cache, meta)
 
 
+@pytest.mark.parametrize(
+    "dtype,group,head_dim,block_size,splits,shared",
+    [(torch.float32, 2, 64, 16, 3, True), (torch.float32, 3, 80, 5, None, False), (torch.bfloat16, 4, 128, 8, 2, True)],
+)
+def test_decode_without_dot(dtype, group, head_dim, block_size, splits, shared):
+    """The CUDA-core decode tile (no tl.dot, only the real rows): the reference's results, masked tails, odd
+    groups, padded head_dim, splits, K read either way; prefill batches refuse it."""
+    shapes = [(40, 1), (3, 1), (17, 1), PADDED, (0, 1)]
+    query, k_cache, v_cache, meta = make_batch(shapes, block_size, 2, group, head_dim, dtype, seed=7)
+    config = tpa.TileConfig(1, 16, 4, 2, dot=False)
+    out = check(query, k_cache, v_cache, meta, num_splits=splits, config=config, shared_offsets=shared)
+    assert out[3].eq(0).all()  # the padded row
+    query, k_cache, v_cache, meta = make_batch(MIXED, block_size, 2, group, head_dim, dtype)
+    with pytest.raises(ValueError, match="decode"):
+        tpa.paged_attention(query, k_cache, v_cache, meta, 0.3, config=config)
+
+
 def test_small_key_tiles_cross_many_blocks():
     """16-key tiles over 6-token blocks: tiles and blocks cross each other's edges; the diagonal falls one
     key short of a tile's end (14, 30), so a tile wrongly left unmasked would show a query its next key."""

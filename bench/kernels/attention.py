@@ -181,6 +181,8 @@ def sweep_candidates(shape: Shape) -> list[dict]:
     """Tile configs (and split counts, for decode) to try beside the default."""
     if shape.kind == "decode":
         configs = [tpa.TileConfig(16, n, w, s) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
+        # the CUDA-core tile (no tl.dot): only a KV head's real query rows
+        configs += [tpa.TileConfig(1, n, w, s, dot=False) for n in (16, 32, 64) for w in (2, 4) for s in (2, 3)]
         options = [{"config": c, "shared_offsets": o} for c in configs for o in (True, False)]
         return options + [{"num_splits": k} for k in (1, 2, 4, 8, 16)]
     rows = (64, 128) if shape.kind == "prefill" else (32, 64)
@@ -299,7 +301,8 @@ def sweep(batch: Batch, shape: Shape, peaks: dict) -> list[dict]:
     for r in results[:8]:
         c = r["config"]
         print(
-            f"  sweep {shape.name:24} m{c['block_m']} n{c['block_n']} w{c['num_warps']} s{c['num_stages']} "
+            f"  sweep {shape.name:24} m{c['block_m']} n{c['block_n']} w{c['num_warps']} s{c['num_stages']}"
+            f"{'' if c['dot'] else ' no-dot'} "
             f"splits {r['num_splits']:2} shared {int(r['shared_offsets'])}: {r['time_us']:8.1f} us  "
             f"ratio_to_floor {r['ratio_to_floor']:.2f}"
             + (f"  in a graph {r['graph_us']:.1f} us" if "graph_us" in r else "")
