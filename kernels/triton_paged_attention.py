@@ -228,10 +228,10 @@ def paged_attention(
         num_warps=plan.config.num_warps, num_stages=plan.config.num_stages, **pdl_options(query.device),
     )  # fmt: skip
     if num_splits > 1:
-        _merge_splits_kernel[(num_tokens, num_kv_heads)](
+        _merge_splits_kernel[(num_tokens, num_heads)](
             out, part_out, part_lse, num_splits, out.stride(0), out.stride(1), num_tokens * num_heads * head_dim,
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), GROUP=group,
-            GROUP_PAD=triton.next_power_of_2(group), **pdl_options(query.device),
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+            SPLITS_PAD=triton.next_power_of_2(num_splits), **pdl_options(query.device),
         )  # fmt: skip
     return out
 
@@ -415,50 +415,29 @@ def _paged_attention_kernel(
 @triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
     out_ptr, part_out_ptr, part_lse_ptr, num_splits, stride_ot, stride_oh, stride_part,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    PDL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """The split merge: one program per (token, KV head)."""
+    """The split merge, one program per (token, query head): out = sum_s w_s o_s / sum_s w_s with
+    w_s = exp2(lse_s - max lse), every split's partial loaded at once (one memory round trip, not one per
+    split). Loads go through L2 only (.cg): another kernel wrote them, and under dependent launches this one
+    started before that kernel had ended."""
     wait_for_inputs(PDL)
     token = tl.program_id(0).to(tl.int64)
-    group = tl.arange(0, GROUP_PAD)
-    head = tl.program_id(1) * GROUP + group
+    head = tl.program_id(1)
+    row = token * tl.num_programs(1) + head  # (token, head) in the partials: [split, token, head(, dim)]
+    splits = tl.arange(0, SPLITS_PAD)
     dims = tl.arange(0, HEAD_DIM_PAD)
-    row_ok = group < GROUP
-    mask = row_ok[:, None] & (dims < HEAD_DIM)[None, :]
-    row = token * tl.num_programs(1) * GROUP + head  # (token, head) in the partials
-    merged = _merge_splits(part_out_ptr, part_lse_ptr, row, dims, row_ok, mask, num_splits, stride_part,
-                           HEAD_DIM, GROUP_PAD, HEAD_DIM_PAD)  # fmt: skip
-    o_ptrs = out_ptr + token * stride_ot + head[:, None] * stride_oh + dims[None, :]
-    tl.store(o_ptrs, merged.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _merge_splits(
-    part_out_ptr, part_lse_ptr, row, dims, row_ok, mask, num_splits, stride_part,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-):  # fmt: skip
-    """out[row] = sum_s w_s o_s / sum_s w_s, w_s = exp2(lse_s - max lse): the online softmax again, one split's
-    (o, lse) at a time. Loads go through L2 only (.cg): another kernel wrote them, and under dependent launches
-    this one started before that kernel had ended."""
-    lse_ptrs = part_lse_ptr + row
-    part_ptrs = part_out_ptr + row[:, None] * HEAD_DIM + dims[None, :]
-    top = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    for _ in range(num_splits):
-        lse = tl.load(lse_ptrs, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-        part = tl.load(part_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-        new_top = tl.maximum(top, lse)
-        safe = tl.where(new_top == float("-inf"), 0.0, new_top)  # every split so far empty: weights stay 0
-        alpha = tl.math.exp2(top - safe)
-        weight = tl.math.exp2(lse - safe)
-        acc = acc * alpha[:, None] + part * weight[:, None]
-        total = total * alpha + weight
-        top = new_top
-        lse_ptrs += stride_part // HEAD_DIM  # pointers, not split * stride: 64-bit offsets for large partials
-        part_ptrs += stride_part
-    return acc / tl.where(total == 0.0, 1.0, total)[:, None]
+    split_ok = splits < num_splits
+    dim_ok = dims < HEAD_DIM
+    lse_ptrs = part_lse_ptr + splits.to(tl.int64) * (stride_part // HEAD_DIM) + row
+    lse = tl.load(lse_ptrs, mask=split_ok, other=float("-inf"), cache_modifier=".cg")
+    part_ptrs = part_out_ptr + splits.to(tl.int64)[:, None] * stride_part + row * HEAD_DIM + dims[None, :]
+    part = tl.load(part_ptrs, mask=split_ok[:, None] & dim_ok[None, :], other=0.0, cache_modifier=".cg")
+    top = tl.max(lse, 0)
+    weight = tl.math.exp2(lse - tl.where(top == float("-inf"), 0.0, top))  # every split empty: all 0
+    total = tl.sum(weight, 0)
+    merged = tl.sum(part * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + dims, merged.to(out_ptr.dtype.element_ty), mask=dim_ok)
 
 
 def store_kv(
