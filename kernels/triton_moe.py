@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from miniengine.kernels.moe import max_tiles
+from miniengine.kernels.triton_fused_ops import pdl_options, wait_for_inputs
 
 # triton 3.9's interpreter returns wrong results for tl.dot on bf16 operands (fp16 and fp32 are right), so
 # in interpreter mode bf16 tiles are upcast to fp32 before the dot; compiled kernels never take that path.
@@ -125,7 +126,9 @@ def _grouped_gemm(
     EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,  # "ieee" for float32 inputs: full fp32 products, not tf32 (fp32 is for parity)
+    PDL: tl.constexpr,  # MINIENGINE_CUDA_PDL=1 (triton_fused_ops.py): launched while the kernel before ends
 ):
+    wait_for_inputs(PDL)
     # Programs run GROUP_M tiles down one column of slabs before moving right: neighbouring tiles (mostly
     # the same expert) share the slab in L2.
     pid = tl.program_id(0)
@@ -180,8 +183,9 @@ def _grouped_gemm(
 
 
 @triton.jit(do_not_specialize=["num_pairs", "num_rows"])
-def _count_experts(ids_ptr, counts_ptr, sorted_ids_ptr, num_pairs, num_rows, BLOCK: tl.constexpr):
+def _count_experts(ids_ptr, counts_ptr, sorted_ids_ptr, num_pairs, num_rows, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Pairs per expert (atomic adds); every row of sorted_ids starts as padding (num_pairs)."""
+    wait_for_inputs(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tl.store(sorted_ids_ptr + offs, tl.full((BLOCK,), num_pairs, tl.int32), mask=offs < num_rows)
     ok = offs < num_pairs
@@ -204,9 +208,11 @@ def _place_pairs(
     E_PAD: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Each program recomputes the (tiny) prefix sum of padded group sizes, then writes its pairs at their
     expert's start plus a slot taken with an atomic add. Program 0 also writes the tile list."""
+    wait_for_inputs(PDL)
     e_offs = tl.arange(0, E_PAD)
     counts = tl.load(counts_ptr + e_offs, mask=e_offs < num_experts, other=0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
@@ -244,12 +250,12 @@ def triton_align(
     tile_experts = torch.empty(num_tiles, dtype=torch.int32, device=device)
     num_padded = torch.empty(1, dtype=torch.int32, device=device)
     _count_experts[(triton.cdiv(sorted_ids.numel(), 1024),)](
-        ids, scratch[0], sorted_ids, num_pairs, sorted_ids.numel(), BLOCK=1024
+        ids, scratch[0], sorted_ids, num_pairs, sorted_ids.numel(), BLOCK=1024, **pdl_options(device)
     )
     block = max(16, 8192 // e_pad)  # the [block, E_PAD] gather of starts stays small
     _place_pairs[(triton.cdiv(num_pairs, block),)](
         ids, scratch[0], scratch[1], sorted_ids, tile_experts, num_padded, num_pairs, num_experts, num_tiles,
-        BLOCK_M=block_m, E_PAD=e_pad, BLOCK=block, BLOCK_T=max(16, 4096 // e_pad),
+        BLOCK_M=block_m, E_PAD=e_pad, BLOCK=block, BLOCK_T=max(16, 4096 // e_pad), **pdl_options(device),
     )  # fmt: skip
     return sorted_ids, tile_experts, num_padded
 
@@ -294,5 +300,5 @@ def _launch_gemm(a, b, c, weights, tiles, top_k: int, gate_up: bool, tile: GemmT
         TOP_K=top_k, GATE_UP=gate_up, BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         GROUP_M=config.group_m, EVEN_K=k % tile.block_k == 0, UPCAST=_INTERPRET and a.dtype == torch.bfloat16,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
+        num_warps=tile.num_warps, num_stages=tile.num_stages, **pdl_options(a.device),
     )  # fmt: skip
