@@ -161,16 +161,25 @@ def rotary_store(
     """`rotary` (after `qk_norm_rotary`'s per-head norms when q_weight / k_weight are given) and then
     `store_kv(k, v, k_cache, v_cache, slot_mapping)`, in one launch: each token's program writes its rotated
     K heads, and its V heads, into their cache slot as well (a negative slot: not stored)."""
-    num_tokens, num_kv_heads, head_dim = k.shape
-    if v.shape != k.shape or k_cache.shape[2:] != k.shape[1:] or v_cache.shape != k_cache.shape:
-        raise ValueError(f"k {tuple(k.shape)}, v {tuple(v.shape)} do not fit caches {tuple(k_cache.shape)}, "
-                         f"{tuple(v_cache.shape)} ([num_blocks, block_size, num_kv_heads, head_dim])")  # fmt: skip
-    if slot_mapping.shape[0] != num_tokens:
-        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} slots for {num_tokens} tokens")
+    check_kv_store(k, v, k_cache, v_cache, slot_mapping)
     if v.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("rotary_store needs v and the KV cache contiguous in head_dim")
     store = (v, k_cache, v_cache, slot_mapping)
     _rotary(positions, q, k, cos, sin, q_weight, k_weight, eps, store)
+
+
+def check_kv_store(
+    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Shapes of a store of the new tokens' K and V ([num_tokens, num_kv_heads, head_dim]) into their cache
+    slots (`rotary_store` here, `store_kv` in triton_paged_attention.py)."""
+    if value.shape != key.shape or k_cache.shape[2:] != key.shape[1:] or v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"key {tuple(key.shape)}, value {tuple(value.shape)} do not fit caches "
+            f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)} ([num_blocks, block_size, num_kv_heads, head_dim])"
+        )
+    if slot_mapping.shape[0] != key.shape[0]:
+        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} slots for {key.shape[0]} tokens")
 
 
 def _rotary(positions, q, k, cos, sin, q_weight, k_weight, eps, store=None):

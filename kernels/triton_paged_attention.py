@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from miniengine.kernels.paged_attention import PagedMetadata
-from miniengine.kernels.triton_fused_ops import pdl_options, wait_for_inputs
+from miniengine.kernels.triton_fused_ops import check_kv_store, pdl_options, wait_for_inputs
 
 # Flash-decoding heuristic: split while (tiles x KV heads) gives fewer than TARGET_PROGRAMS_PER_SM programs
 # per SM, never below MIN_KEYS_PER_SPLIT keys per split, nor more than MAX_SPLITS.
@@ -447,14 +447,8 @@ def store_kv(
 
     A negative slot skips its token (a padded row of a CUDA-graph batch).
     """
+    check_kv_store(key, value, k_cache, v_cache, slot_mapping)
     num_tokens, num_kv_heads, head_dim = key.shape
-    if value.shape != key.shape or k_cache.shape[2:] != key.shape[1:] or v_cache.shape != k_cache.shape:
-        raise ValueError(
-            f"key {tuple(key.shape)}, value {tuple(value.shape)} do not fit caches "
-            f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)} ([num_blocks, block_size, num_kv_heads, head_dim])"
-        )
-    if slot_mapping.shape[0] != num_tokens:
-        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} slots for {num_tokens} tokens")
     if num_tokens == 0:
         return
     key = key if key.stride(-1) == 1 else key.contiguous()
