@@ -148,7 +148,7 @@ def _fastest(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> tuple[in
 
 
 @triton.jit
-def _load_x(x_ptr, res_ptr, cols, ok, K, HAS_RESIDUAL: tl.constexpr):
+def _load_x(x_ptr, res_ptr, cols, ok, HAS_RESIDUAL: tl.constexpr):
     """x (+ the residual, rounded to x's dtype as rms_norm rounds the sum) at `cols`."""
     x = tl.load(x_ptr + cols, mask=ok, other=0.0)
     if HAS_RESIDUAL:
@@ -168,7 +168,7 @@ def _input_chunk(x_ptr, res_ptr, norm_w_ptr, inv_rms, cols, col_ok, K, PROLOGUE:
                  HAS_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
     """x at `cols`, after the op before the matmul (PROLOGUE), in float32."""
     if PROLOGUE == 1:  # as rms_norm rounds: normalised in fp32, rounded, times the weight, rounded
-        x = _load_x(x_ptr, res_ptr, cols, col_ok, K, HAS_RESIDUAL)
+        x = _load_x(x_ptr, res_ptr, cols, col_ok, HAS_RESIDUAL)
         g = tl.load(norm_w_ptr + cols, mask=col_ok, other=0.0)
         x = (g.to(tl.float32) * (x.to(tl.float32) * inv_rms).to(x.dtype).to(tl.float32)).to(x.dtype)
     elif PROLOGUE == 2:  # as silu_and_mul rounds: silu(gate) rounded, times up, rounded
@@ -201,7 +201,7 @@ def _gemv_kernel(
     inv_rms = 0.0
     if PROLOGUE == 1:  # RMSNorm: the whole row's mean square first (program 0 also writes x + residual)
         every = tl.arange(0, K_PAD)
-        h = _load_x(x_ptr, res_ptr, every, every < K, K, HAS_RESIDUAL)
+        h = _load_x(x_ptr, res_ptr, every, every < K, HAS_RESIDUAL)
         if HAS_RESIDUAL and tl.program_id(0) == 0:
             tl.store(new_res_ptr + every, h, mask=every < K)
         h = h.to(tl.float32)

@@ -249,13 +249,14 @@ def triton_align(
     sorted_ids = torch.empty(num_tiles * block_m, dtype=torch.int32, device=device)
     tile_experts = torch.empty(num_tiles, dtype=torch.int32, device=device)
     num_padded = torch.empty(1, dtype=torch.int32, device=device)
+    pdl = pdl_options(device)
     _count_experts[(triton.cdiv(sorted_ids.numel(), 1024),)](
-        ids, scratch[0], sorted_ids, num_pairs, sorted_ids.numel(), BLOCK=1024, **pdl_options(device)
+        ids, scratch[0], sorted_ids, num_pairs, sorted_ids.numel(), BLOCK=1024, **pdl
     )
     block = max(16, 8192 // e_pad)  # the [block, E_PAD] gather of starts stays small
     _place_pairs[(triton.cdiv(num_pairs, block),)](
         ids, scratch[0], scratch[1], sorted_ids, tile_experts, num_padded, num_pairs, num_experts, num_tiles,
-        BLOCK_M=block_m, E_PAD=e_pad, BLOCK=block, BLOCK_T=max(16, 4096 // e_pad), **pdl_options(device),
+        BLOCK_M=block_m, E_PAD=e_pad, BLOCK=block, BLOCK_T=max(16, 4096 // e_pad), **pdl,
     )  # fmt: skip
     return sorted_ids, tile_experts, num_padded
 

@@ -201,6 +201,7 @@ def paged_attention(
     )
     num_splits = plan.num_splits
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    pdl = pdl_options(query.device)  # both launches
     if num_splits == 1:
         part_out = part_lse = out  # unused
     else:
@@ -225,13 +226,13 @@ def paged_attention(
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         SHARED_OFFSETS=shared_offsets and k_cache.stride()[:3] == v_cache.stride()[:3],
         OFFSETS_32=not plan.decode and max(_span(k_cache), _span(v_cache)) <= MAX_INT32_SPAN,
-        num_warps=plan.config.num_warps, num_stages=plan.config.num_stages, **pdl_options(query.device),
+        num_warps=plan.config.num_warps, num_stages=plan.config.num_stages, **pdl,
     )  # fmt: skip
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
             out, part_out, part_lse, num_splits, out.stride(0), out.stride(1), num_tokens * num_heads * head_dim,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-            SPLITS_PAD=triton.next_power_of_2(num_splits), **pdl_options(query.device),
+            SPLITS_PAD=triton.next_power_of_2(num_splits), **pdl,
         )  # fmt: skip
     return out
 
