@@ -32,7 +32,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "examples" / "action_model"))  # works installed or not
-from roofline import DevicePeak, ModelSpec, best_peak, decode_step_floor, gpu_peak, measure_cpu_peak, step_floor  # noqa: E402, I001
+from roofline import (  # noqa: E402, I001
+    DevicePeak,
+    ModelSpec,
+    best_peak,
+    decode_step_floor,
+    gpu_peak,
+    measure_cpu_peak,
+    measure_gpu_peak,
+    step_floor,
+)
 from report import versions, write_result  # noqa: E402
 
 from miniengine import Engine  # noqa: E402
@@ -46,29 +55,6 @@ SMALL = dict(
     hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
     image_vocab_size=1024, tokens_per_frame=64, actions_per_frame=6, action_dim=3, max_frames=8,
 )  # fmt: skip
-
-
-def measure_cuda_peak() -> DevicePeak:
-    """bfloat16 matmul FLOP/s (8192^3, best of 10) and copy bandwidth (1 GiB, read + write) of this GPU."""
-
-    def best(fn, repeats=10) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    flops = 2 * 8192**3 / best(lambda: a @ a)
-    src = torch.empty(2**30 // 2, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    bandwidth = 2 * 2**30 / best(lambda: dst.copy_(src))
-    name = torch.cuda.get_device_name()
-    return DevicePeak(name, flops, bandwidth, "measured: bf16 8192^3 matmul, 1 GiB device copy")
 
 
 def workload_floor(spec: ModelSpec, peak: DevicePeak, config: dict, videos: int, frames: int) -> float:
@@ -124,7 +110,7 @@ def main() -> None:
     config = action_config(**(SMALL if args.small else LLAMA_1B))
     if args.frames + 1 > config["max_frames"]:
         raise SystemExit(f"--frames {args.frames}: the model has room for {config['max_frames'] - 1} after the first")
-    peak_before = measure_cuda_peak() if device.type == "cuda" else measure_cpu_peak()
+    peak_before = measure_gpu_peak() if device.type == "cuda" else measure_cpu_peak()
 
     frame_len = config["tokens_per_frame"] + config["actions_per_frame"]
     max_model_len = (args.frames + 1) * frame_len
@@ -161,7 +147,7 @@ def main() -> None:
         elapsed, theirs = timed(lambda: reference.generate(first, actions).cpu(), device)
         reference_s.append(elapsed)
 
-    peak_after = measure_cuda_peak() if device.type == "cuda" else measure_cpu_peak()
+    peak_after = measure_gpu_peak() if device.type == "cuda" else measure_cpu_peak()
     peak = best_peak(peak_before, peak_after)
     floor_s = workload_floor(spec, peak, config, args.videos, args.frames)
     frames, tokens = args.videos * args.frames, args.videos * args.frames * config["tokens_per_frame"]

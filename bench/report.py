@@ -2,7 +2,8 @@
 and, for a before/after in one run, the same measurement made with another checkout's miniengine.
 
 versions("torch", "triton")   ->  {"python": "3.12.3", "torch": "2.11.0+cu130", "triton": "3.6.0"}
-write_result(result, path)    ->  bench/results/<bench>-<device>-<date>.json, and a line saying so
+write_result(result, path)    ->  bench/results/<bench>-<device>-<date>.json (with the MINIENGINE_* variables
+                                  set), and a line saying so
 figures_from(script, flags, directory)  ->  what `script --engine-only flags` prints as its last line (JSON),
                                             run importing miniengine from `directory`
 """
@@ -31,6 +32,9 @@ def versions(*packages: str) -> dict[str, str | None]:
 
 
 def write_result(result: dict, out: Path) -> Path:
+    """Write `result` with the MINIENGINE_* settings in force (`environment`: the kernels' switches), so that
+    a figure says which defaults it was measured under."""
+    result.setdefault("environment", {k: v for k, v in sorted(os.environ.items()) if k.startswith("MINIENGINE_")})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

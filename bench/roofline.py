@@ -166,6 +166,13 @@ def gpu_matmul_rate(
     return 2 * size**3 / _median_cuda_seconds(lambda: torch.matmul(a, b, out=out), repeats)
 
 
+def measure_gpu_peak(device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfloat16) -> DevicePeak:
+    """This GPU's peaks as measured now: `gpu_matmul_rate` in `dtype` and `gpu_copy_bandwidth`."""
+    flops, bandwidth = gpu_matmul_rate(device, dtype), gpu_copy_bandwidth(device)
+    name = torch.cuda.get_device_name(device)
+    return DevicePeak(name, flops, bandwidth, f"measured: {dtype} 8192^3 matmul, 2 GiB device copy (median of 20)")
+
+
 # ---- the workload ----------------------------------------------------------------------------------------
 
 

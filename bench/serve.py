@@ -54,7 +54,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import versions, write_result  # noqa: E402
-from roofline import DevicePeak, ModelSpec, cpu_model, gpu_peak, measure_cpu_peak  # noqa: E402
+from roofline import DevicePeak, ModelSpec, cpu_model, measure_cpu_peak, measure_gpu_peak  # noqa: E402
 
 from miniengine import Engine, SamplingParams  # noqa: E402
 from miniengine.cli import add_config_flags, given  # noqa: E402
@@ -524,7 +524,7 @@ def main() -> None:
         rows["offline"], engine = run_offline(args.model, options, jobs, warm_up)
         spec = ModelSpec.from_model(engine.runner.model, engine.hf_config, engine.dtype)
         del engine
-        peak = gpu_peak(device_info["gpu"]) if device == "cuda" else measure_cpu_peak(quick=True)
+        peak = measure_gpu_peak() if device == "cuda" else measure_cpu_peak(quick=True)
     if spec is not None and peak is not None:
         floor = workload_floor(spec, peak, jobs)
         for row in rows.values():

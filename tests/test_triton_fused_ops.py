@@ -180,7 +180,11 @@ def test_fusion_setting(monkeypatch):
 
 
 def test_dependent_launch_setting(monkeypatch):
-    """PDL only where a GPU has it: never on the CPU (the interpreter), and MINIENGINE_CUDA_PDL is 0 or 1."""
+    """PDL by default, only where a GPU has it: never on the CPU (the interpreter); MINIENGINE_CUDA_PDL is 0 or 1."""
+    monkeypatch.delenv("MINIENGINE_CUDA_PDL", raising=False)
+    assert tfo.pdl_options(torch.device("cpu")) == {"PDL": False}
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9:
+        assert tfo.pdl_options(torch.device("cuda"))["PDL"] is True, "on by default where the GPU has it"
     monkeypatch.setenv("MINIENGINE_CUDA_PDL", "1")
     assert tfo.pdl_options(torch.device("cpu")) == {"PDL": False}
     monkeypatch.setenv("MINIENGINE_CUDA_PDL", "yes")
