@@ -19,6 +19,8 @@ platform: only the kernels in the forward context differ.
 from __future__ import annotations
 
 import itertools
+import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -35,6 +37,8 @@ from miniengine.sampler import Sampled, Sampler, SampleResult
 from miniengine.sampling_params import SamplingParams
 from miniengine.scheduler import ScheduledBatch
 from miniengine.sequence import Sequence
+
+logger = logging.getLogger("miniengine")
 
 
 def attention_layers(model: nn.Module) -> list[Attention]:
@@ -139,6 +143,48 @@ class ModelRunner:
         """Decode steps run what the platform prepares for them (`Platform.decode_runner`): CUDA graphs of up to
         `max_num_seqs` sequences (`capture=False`: the same padded steps, eagerly), a compiled step on the CPU."""
         self.graphs = self.platform.decode_runner(self, max_num_seqs, max_model_len, capture)
+        if self.platform.compiles_kernels:
+            self.warm_up(max_model_len)
+
+    @torch.inference_mode()
+    def warm_up(self, max_model_len: int) -> int:
+        """Run, eagerly, one step of each shape a kernel may compile a variant of; returns how many ran.
+
+        A kernel that compiles on first use (Triton) compiles a variant per tile configuration, and picks
+        those from the step's shape: its token count (the MoE GEMM tiles), decode / mixed / prefill (the
+        attention tiles), its longest context (flash-decoding's split count). Compiling one takes seconds;
+        a live request must not wait for it, so it happens here. The steps: prompts of 1, 2, 4, ...
+        `max_num_batched_tokens` tokens, then a decode, a mixed batch (seven decodes beside a chunk) and a
+        chunk after a prefix hit, each planned for longest contexts of 16, 32, ... `max_model_len` tokens (a
+        plan's `max_seq_len` is a host figure: the kernels read the real lengths on the device, so these
+        steps stay small). Their K/V goes to blocks no sequence holds yet. Every tensor parallel rank runs
+        the same steps, collectives included."""
+        budget = self.config.max_num_batched_tokens
+        shapes: list[tuple[list[tuple[int, int]], int]] = []  # ([(tokens cached, tokens new) per sequence], planned)
+        for size in sorted({1 << i for i in range(budget.bit_length())} | {budget}):
+            full, rest = divmod(size, max_model_len)
+            shapes.append(([(0, max_model_len)] * full + [(0, rest)] * (rest > 0), 0))
+        for planned in sorted({1 << i for i in range(4, max_model_len.bit_length())} | {max_model_len}):
+            for batch in ([(15, 1)], [(15, 1)] * 7 + [(0, 8)], [(8, 8)]):
+                if all(cached + new <= max_model_len for cached, new in batch):
+                    shapes.append((batch, planned))
+        num_blocks, start = self.kv_cache.shape[2], time.perf_counter()
+        for batch, planned in shapes:
+            seqs, cursor = [], 0
+            for i, (computed, new) in enumerate(batch):
+                seq = Sequence(-1 - i, "warm-up", [0] * (computed + new), SamplingParams(max_tokens=1))
+                seq.num_computed_tokens = computed
+                need = -(-(computed + new) // self.block_size)
+                seq.block_table = [(cursor + j) % num_blocks for j in range(need)]
+                cursor += need
+                seqs.append(seq)
+            step = prepare(ScheduledBatch(seqs, [new for _, new in batch]), self.block_size)
+            step.max_seq_len = max(step.max_seq_len, planned)
+            self.forward(step, dummy_extra_inputs(self.model, len(step.input_ids), self.device))
+        self.platform.synchronize()
+        logger.info("warm-up: %d step shapes in %.1f s (kernels compiled now, not mid-serving)", len(shapes),
+                    time.perf_counter() - start)  # fmt: skip
+        return len(shapes)
 
     def to_device(
         self, step: StepInput, fed_ids: torch.Tensor | None = None

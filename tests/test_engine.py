@@ -135,3 +135,32 @@ def test_stat_loggers_receive_every_step(model_dir, async_scheduling):
     engine.generate([[1, 2, 3] * 10], params, use_tqdm=False)  # the same prompt: its full blocks are cached
     assert sum(s.prefix_cache_hits for s in recorder.steps) == 28
     assert recorder.steps[-1].kv_cache_usage == 0.0
+
+
+def test_a_platform_that_compiles_kernels_warms_every_step_shape_up_at_start(model_dir, monkeypatch):
+    """Start-up runs a step of each shape a JIT-compiled kernel picks a variant by (token counts up to the
+    step budget, decode / mixed / prefix-hit batches planned for every longest context up to
+    max_model_len), and leaves no trace: the same tokens as without, every block free."""
+    from miniengine.model_runner import ModelRunner
+    from miniengine.platforms.cpu import CpuPlatform
+
+    prompts = [list(range(1, 40)), list(range(5, 12))]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    options = dict(max_model_len=64, num_kv_blocks=32, block_size=4, max_num_batched_tokens=48, max_num_seqs=8)
+    plain = [o.outputs[0].token_ids for o in Engine(str(model_dir), **options).generate(prompts, params)]
+
+    steps = []
+    forward = ModelRunner.forward
+    monkeypatch.setattr(CpuPlatform, "compiles_kernels", True)
+    monkeypatch.setattr(
+        ModelRunner, "forward", lambda self, step, *a, **k: steps.append(step) or forward(self, step, *a, **k)
+    )
+    engine = Engine(str(model_dir), **options)
+    assert sorted({len(s.input_ids) for s in steps if s.num_seqs == 1 and s.max_seq_len == len(s.input_ids)}) == [
+        1, 2, 4, 8, 16, 32, 48,
+    ]  # fmt: skip
+    assert {s.max_seq_len for s in steps if s.num_seqs == 8} == {64, 16, 32}  # a mixed batch per planned context
+    warmed = len(steps)
+    assert [o.outputs[0].token_ids for o in engine.generate(prompts, params)] == plain
+    assert len(steps) > warmed
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

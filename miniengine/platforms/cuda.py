@@ -26,6 +26,7 @@ class CudaPlatform(Platform):
     dist_backend = "nccl"
     supports_graphs = True
     runs_asynchronously = True
+    compiles_kernels = True
 
     @classmethod
     def is_available(cls) -> bool:

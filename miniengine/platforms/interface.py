@@ -28,6 +28,9 @@ class Platform:
     supports_graphs: bool = False
     # Does queued device work run while the host goes on? Then async scheduling hides the host's step.
     runs_asynchronously: bool = False
+    # Do its kernels compile on first use, per shape (Triton's JIT)? Then the runner warms them up at start-up
+    # (`ModelRunner.warm_up`), so that no live request's step waits seconds for a compiler.
+    compiles_kernels: bool = False
 
     @classmethod
     def is_available(cls) -> bool:
