@@ -323,7 +323,7 @@ def _attend_keys(
     return acc, l_i, m_new
 
 
-@triton.jit(do_not_specialize=["num_seqs", "num_splits"])
+@triton.jit(do_not_specialize=["num_seqs", "num_splits", "stride_bt", "stride_part"])
 def _paged_attention_kernel(
     out_ptr, part_out_ptr, part_lse_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
     block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
@@ -413,7 +413,7 @@ def _paged_attention_kernel(
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "stride_part"])
 def _merge_splits_kernel(
     out_ptr, part_out_ptr, part_lse_ptr, num_splits, stride_ot, stride_oh, stride_part,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr,

@@ -193,10 +193,16 @@ class ModelRunner:
         previous step's sampled `fed_ids` put into the input_ids that wait for them)."""
         parts = [step.input_ids, step.positions, step.slot_mapping, step.query_start_loc, step.seq_lens,
                  step.sample_rows, step.fed_rows, step.fed_from, step.block_tables.ravel()]  # fmt: skip
-        flat = torch.from_numpy(np.concatenate(parts))
+        # Each part starts 16-byte aligned: a JIT kernel compiles a variant per pointer alignment, and parts
+        # packed end to end would give each step's batch shape its own mix of them (and compiles mid-serving).
+        sizes = [len(p) for p in parts]
+        padded = [n + n % 2 for n in sizes]
+        flat = torch.from_numpy(np.concatenate([np.pad(p, (0, m - n)) for p, n, m in zip(parts, sizes, padded)]))
         if self.device.type != "cpu":
             flat = flat.pin_memory().to(self.device, non_blocking=True)
-        ids, pos, slots, starts, lens, rows, fed_rows, fed_from, tables = flat.split([len(p) for p in parts])
+        ids, pos, slots, starts, lens, rows, fed_rows, fed_from, tables = (
+            part[:n] for part, n in zip(flat.split(padded), sizes)
+        )
         if len(step.fed_rows):
             ids[fed_rows] = fed_ids[fed_from]
         metadata = AttentionMetadata(
