@@ -126,7 +126,7 @@ def _grouped_gemm(
     EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,  # "ieee" for float32 inputs: full fp32 products, not tf32 (fp32 is for parity)
-    PDL: tl.constexpr,  # MINIENGINE_CUDA_PDL=1 (triton_fused_ops.py): launched while the kernel before ends
+    PDL: tl.constexpr,  # dependent launch (triton_fused_ops.py): launched while the kernel before ends
 ):
     wait_for_inputs(PDL)
     # Programs run GROUP_M tiles down one column of slabs before moving right: neighbouring tiles (mostly
