@@ -13,7 +13,7 @@ same workload through the offline `Engine.generate`, so the cost of serving over
     python bench/serve.py                                       # bundled SmolLM2 on the CPU, 32 requests
     python bench/serve.py --server-modes process,thread         # both placements of the engine loop, one run
     python bench/serve.py --model DIR --device cuda --num-prompts 512 --input-len 512 --output-len 256
-    python bench/serve.py --base-url http://127.0.0.1:8000/v1   # a server already running (no offline row)
+    python bench/serve.py --base-url http://127.0.0.1:8000/v1 --model M   # a server already running, of model M
 
 Engine flags (--device, --dtype, --max-num-seqs, ...) are `miniengine serve`'s, given to both the server and the
 offline engine. Writes bench/results/serve-<device>-<date>.json: device, command, versions, settings, one row
@@ -494,6 +494,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the server's torch reads it at start
 
+    if args.base_url and args.model is None:
+        parser.error("--base-url: also pass --model, the checkpoint that server runs: its vocabulary bounds the "
+                     "workload's random token ids")  # fmt: skip
     model_path = args.model or bundled_smollm2_path()
     vocab_size = open_checkpoint(model_path).config.vocab_size
     jobs = workload(args, vocab_size, args.seed)
