@@ -164,3 +164,22 @@ def test_a_platform_that_compiles_kernels_warms_every_step_shape_up_at_start(mod
     assert [o.outputs[0].token_ids for o in engine.generate(prompts, params)] == plain
     assert len(steps) > warmed
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_a_steps_device_inputs_each_start_16_byte_aligned(engine):
+    """Odd-length parts (3 tokens, 2 sequences) still leave every tensor of the step 16-byte aligned: a JIT
+    kernel compiles a variant per pointer alignment, so alignment must not follow the batch's shape."""
+    from miniengine.model_runner import prepare
+    from miniengine.scheduler import ScheduledBatch
+    from miniengine.sequence import Sequence
+
+    seqs = [Sequence(-1, "a", [1, 2], SamplingParams()), Sequence(-2, "b", [3], SamplingParams())]
+    for i, seq in enumerate(seqs):
+        seq.block_table = [i]
+    step = prepare(ScheduledBatch(seqs, [2, 1]), engine.runner.block_size)
+    ids, positions, metadata, rows = engine.runner.to_device(step)
+    tensors = [ids, positions, rows, metadata.slot_mapping, metadata.query_start_loc, metadata.seq_lens,
+               metadata.block_tables]  # fmt: skip
+    assert all(t.data_ptr() % 16 == 0 for t in tensors)
+    assert ids.tolist() == [1, 2, 3] and positions.tolist() == [0, 1, 0] and rows.tolist() == [1, 2]
+    assert metadata.query_start_loc.tolist() == [0, 2, 3] and metadata.block_tables.tolist() == [[0], [1]]
