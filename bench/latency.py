@@ -152,7 +152,6 @@ def main() -> None:
                "ratio_to_floor": floor / per_token, "tensor_parallel_size": args.tensor_parallel_size,
                "async_scheduling": overlapped}  # fmt: skip
         if variants:
-            row["settings"] = {k: v for k, v in os.environ.items() if k.startswith("MINIENGINE_")}
             row["variants"] = [{"env": setting, "ms_per_token": ms, "ratio_to_floor": 1e3 * floor / ms}
                                for setting, ms in variants.items()]  # fmt: skip
         if sync_ms is not None:
