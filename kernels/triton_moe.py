@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from miniengine.kernels.moe import max_tiles
 from miniengine.kernels.triton_fused_ops import pdl_options, wait_for_inputs
@@ -45,6 +46,7 @@ class GemmTile:
     block_k: int
     num_warps: int
     num_stages: int
+    tma: bool = False  # weight slabs (and down's rows of h) through the TMA unit: Hopper and later
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,7 @@ def _grouped_gemm(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,  # "ieee" for float32 inputs: full fp32 products, not tf32 (fp32 is for parity)
     PDL: tl.constexpr,  # dependent launch (triton_fused_ops.py): launched while the kernel before ends
+    TMA: tl.constexpr,  # b_ptr is a tensor descriptor over [E * rows, K] (and a_ptr over h, for down)
 ):
     wait_for_inputs(PDL)
     # Programs run GROUP_M tiles down one column of slabs before moving right: neighbouring tiles (mostly
@@ -151,26 +154,43 @@ def _grouped_gemm(
         a_rows = rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
-    b_ptrs = b_ptr + expert * stride_be + offs_n.to(tl.int64)[None, :] * stride_bn + offs_k[:, None]
+    TMA_A: tl.constexpr = TMA and not GATE_UP  # gate_up gathers its rows of x: plain loads
+    if not TMA_A:
+        a_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+    if not TMA:
+        b_ptrs = b_ptr + expert * stride_be + offs_n.to(tl.int64)[None, :] * stride_bn + offs_k[:, None]
     n_ok = offs_n < N
+    # TMA: the slab's first row in the [E * rows, K] view. Rows past the expert's N read the next rows (or
+    # zeros past the end): they only reach output columns >= N, which are not stored. K's tail reads zeros.
+    b_row = (expert * (2 * N if GATE_UP else N) + pid_n * BLOCK_N).to(tl.int32)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # gate_up only: the up half, rows N + n of w13
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = (offs_k < K - k * BLOCK_K) | EVEN_K  # a mask along K, where K is contiguous, costs vector loads
-        a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if TMA_A:
+            a = a_ptr.load([pid_m * BLOCK_M, k * BLOCK_K])  # down's rows of h are contiguous: one TMA box
+        else:
+            a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
+        if TMA:
+            b = b_ptr.load([b_row, k * BLOCK_K]).T
+        else:
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if GATE_UP:
-            b_up = tl.load(b_ptrs + N * stride_bn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if TMA:
+                b_up = b_ptr.load([b_row + N, k * BLOCK_K]).T
+            else:
+                b_up = tl.load(b_ptrs + N * stride_bn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if UPCAST:
                 b_up = b_up.to(tl.float32)
             acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+        if not TMA_A:
+            a_ptrs += BLOCK_K
+        if not TMA:
+            b_ptrs += BLOCK_K
 
     if GATE_UP:
         out = acc * tl.sigmoid(acc) * acc_up  # SiLU(gate) * up, in float32
@@ -232,6 +252,19 @@ def _place_pairs(
     tl.store(sorted_ids_ptr + start + slot, offs, mask=ok)
 
 
+@triton.jit
+def _combine(out_ptr, y_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+    """out[t] = sum over j of y[t * TOP_K + j], in float32: each program sums BLOCK_H columns of one token."""
+    wait_for_inputs(PDL)
+    token = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ok = offs < H
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        acc += tl.load(y_ptr + (token * TOP_K + j) * H + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * H + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
 def triton_align(
     topk_ids: torch.Tensor, num_experts: int, block_m: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -288,18 +321,41 @@ def fused_moe(
     _launch_gemm(x, w13, h, weights, tiles, top_k, True, config.gate_up, config)
     out = torch.empty(num_tokens * top_k, hidden, dtype=x.dtype, device=x.device)
     _launch_gemm(h, w2, out, weights, tiles, top_k, False, config.down, config)
-    return out.view(num_tokens, top_k, hidden).sum(dim=1)
+    return combine(out, top_k)
+
+
+def combine(y: torch.Tensor, top_k: int) -> torch.Tensor:
+    """y [T*k, H] (each pair's weighted output) -> [T, H], the sum over k (`y.view(T, k, H).sum(1)`, one pass)."""
+    hidden = y.shape[1]
+    out = torch.empty(y.shape[0] // top_k, hidden, dtype=y.dtype, device=y.device)
+    block_h = min(1024, triton.next_power_of_2(hidden))
+    _combine[(out.shape[0], triton.cdiv(hidden, block_h))](
+        out, y, hidden, TOP_K=top_k, BLOCK_H=block_h, num_warps=4, **pdl_options(y.device)
+    )
+    return out
 
 
 def _launch_gemm(a, b, c, weights, tiles, top_k: int, gate_up: bool, tile: GemmTile, config: MoeConfig) -> None:
     sorted_ids, tile_experts, num_padded = tiles
     n, k = c.shape[1], a.shape[1]
     grid = (tile_experts.numel() * triton.cdiv(n, tile.block_n),)
+    a_arg, b_arg, tma = a, b, tile.tma and uses_tma(a, k)
+    if tma:  # descriptors go by value: a CUDA graph captures them with the launch
+        b_arg = TensorDescriptor.from_tensor(b.view(-1, k), [tile.block_n, tile.block_k])
+        if not gate_up:
+            a_arg = TensorDescriptor.from_tensor(a, [config.block_m, tile.block_k])
     _grouped_gemm[grid](
-        a, b, c, weights, sorted_ids, tile_experts, num_padded, weights.numel(), n, k, tile_experts.numel(),
+        a_arg, b_arg, c, weights, sorted_ids, tile_experts, num_padded, weights.numel(), n, k, tile_experts.numel(),
         a.stride(0), b.stride(0), b.stride(1), c.stride(0),
         TOP_K=top_k, GATE_UP=gate_up, BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         GROUP_M=config.group_m, EVEN_K=k % tile.block_k == 0, UPCAST=_INTERPRET and a.dtype == torch.bfloat16,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        num_warps=tile.num_warps, num_stages=tile.num_stages, **pdl_options(a.device),
+        TMA=tma, num_warps=tile.num_warps, num_stages=tile.num_stages, **pdl_options(c.device),
     )  # fmt: skip
+
+
+def uses_tma(a: torch.Tensor, k: int) -> bool:
+    """TMA needs a Hopper-class GPU (or the interpreter) and rows whose byte length is a multiple of 16."""
+    if k * a.element_size() % 16:
+        return False
+    return _INTERPRET or (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 9)

@@ -5,6 +5,7 @@ GEMM against the plain-torch loop over experts (under TRITON_INTERPRET=1 on the 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -156,12 +157,31 @@ def test_experts_without_tokens(monkeypatch):
         triton_moe.MoeConfig(16, TILE(16, 16, 4, 2), TILE(32, 32, 4, 2), group_m=2),  # K in several chunks
         triton_moe.MoeConfig(32, TILE(64, 64, 4, 2), TILE(16, 64, 4, 2), group_m=1),
         triton_moe.MoeConfig(64, TILE(32, 128, 4, 2), TILE(64, 16, 4, 2), group_m=8),
+        # TMA loads: slabs running past an expert's rows (40 = 2.5 x 16) and past K (72 = 2 x 32 + 8)
+        triton_moe.MoeConfig(16, TILE(16, 32, 4, 2, tma=True), TILE(32, 32, 4, 2, tma=True), group_m=2),
     ],
 )
 def test_fused_moe_tile_configs(monkeypatch, config):
     """Tiles narrower than the matrices (several column slabs, a K loop with a remainder, GROUP_M ordering)."""
     poison_empty(monkeypatch)
     check_fused_moe(29, 5, 2, 72, 40, torch.float16, seed=3, config=config)
+
+
+def test_tma_tiles_fall_back_to_plain_loads_where_rows_are_not_16_byte_multiples(monkeypatch):
+    poison_empty(monkeypatch)
+    x = torch.empty(1, 36, dtype=torch.float16)
+    assert not triton_moe.uses_tma(x, 36) and triton_moe.uses_tma(x, 40)
+    config = triton_moe.MoeConfig(16, TILE(16, 32, 4, 2, tma=True), TILE(16, 32, 4, 2, tma=True))
+    check_fused_moe(9, 4, 2, 36, 20, torch.float16, seed=5, config=config)
+
+
+@pytest.mark.parametrize("top_k, hidden", [(1, 24), (2, 1500), (8, 40)])
+def test_combine_sums_each_tokens_pairs(monkeypatch, top_k, hidden):
+    poison_empty(monkeypatch)
+    y = torch.randn(7 * top_k, hidden, generator=torch.Generator(DEVICE).manual_seed(top_k), device=DEVICE)
+    y = y.to(torch.bfloat16)
+    expected = y.float().view(7, top_k, hidden).sum(dim=1)
+    torch.testing.assert_close(triton_moe.combine(y, top_k).float(), expected, rtol=1e-2, atol=1e-2)
 
 
 def test_pick_config_covers_decode_and_prefill():
@@ -179,5 +199,9 @@ def test_pick_config_covers_decode_and_prefill():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("num_experts, top_k, hidden, inter", [(128, 8, 2048, 768), (8, 2, 4096, 14336)])
 @pytest.mark.parametrize("num_tokens", [1, 16, 256, 4096])
-def test_fused_moe_real_shapes(num_experts, top_k, hidden, inter, num_tokens):
-    check_fused_moe(num_tokens, num_experts, top_k, hidden, inter, torch.bfloat16, seed=num_tokens)
+@pytest.mark.parametrize("tma", [False, True])
+def test_fused_moe_real_shapes(num_experts, top_k, hidden, inter, num_tokens, tma):
+    """The table's tiles, with and without TMA loads."""
+    config = triton_moe.pick_config(num_tokens, hidden, inter, num_experts, top_k)
+    config = replace(config, gate_up=replace(config.gate_up, tma=tma), down=replace(config.down, tma=tma))
+    check_fused_moe(num_tokens, num_experts, top_k, hidden, inter, torch.bfloat16, seed=num_tokens, config=config)
