@@ -133,6 +133,9 @@ def sweep(args) -> None:
                     times[stage].append((bench_us(partial(tm._launch_gemm, *launch)), repr(tile), tile))
                 except triton.runtime.errors.OutOfResources:
                     continue
+            for stage in gemms:
+                for t, name, _ in sorted(times[stage])[:4]:
+                    print(f"    {stage:7} {t:8.1f} us  {name}")
             (t1, _, tile1), (t2, _, tile2) = min(times["gate_up"]), min(times["down"])
             candidate = tm.MoeConfig(block_m, tile1, tile2)
             total = bench_us(partial(tm.fused_moe, *inputs, candidate))
