@@ -14,7 +14,11 @@ from HBM once and are reused from L2 by its other tiles.
 
     gate_up: rows x[pair // k]  @ w13[e]^T  -> SiLU(gate) * up in registers -> h [padded rows, I]
     down:    rows h[row]        @ w2[e]^T   -> times the pair's routing weight -> out[pair] [T*k, H]
-    combine: out.view(T, k, H).sum(1)
+    combine: out.view(T, k, H).sum(1)  (one small kernel, summed in float32)
+
+On Hopper, a tile may bring its operands with TMA (`GemmTile.tma`): the weight slab, and down's rows of h
+(contiguous in sorted order), each one box copy per K step. gate_up's rows of x are gathered by token, so
+they stay plain loads.
 
 The padded count is not read on the host: the grid covers the bound T*k + min(E, T*k)*(BLOCK_M-1), and
 tiles past the count return at once. So a MoE layer never waits for the device (CUDA graphs can capture it).
