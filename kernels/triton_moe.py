@@ -18,7 +18,9 @@ from HBM once and are reused from L2 by its other tiles.
 
 On Hopper, a tile may bring its operands with TMA (`GemmTile.tma`): the weight slab, and down's rows of h
 (contiguous in sorted order), each one box copy per K step. gate_up's rows of x are gathered by token, so
-they stay plain loads.
+they stay plain loads. `GemmTile.paired` goes one step further for gate_up: one box of w13 viewed
+[E, 2, I, H] holds a slab's gate rows and its up rows, and one dot twice as wide computes both halves
+(compiled for sm90 it is one m64n256 wgmma per K step in place of two m64n128; not yet timed on a GPU).
 
 The padded count is not read on the host: the grid covers the bound T*k + min(E, T*k)*(BLOCK_M-1), and
 tiles past the count return at once. So a MoE layer never waits for the device (CUDA graphs can capture it).
@@ -51,6 +53,7 @@ class GemmTile:
     num_warps: int
     num_stages: int
     tma: bool = False  # weight slabs (and down's rows of h) through the TMA unit: Hopper and later
+    paired: bool = False  # gate_up with TMA: gate and up slabs in one box and one dot, 2 * block_n wide
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,7 @@ def _grouped_gemm(
     PRECISION: tl.constexpr,  # "ieee" for float32 inputs: full fp32 products, not tf32 (fp32 is for parity)
     PDL: tl.constexpr,  # dependent launch (triton_fused_ops.py): launched while the kernel before ends
     TMA: tl.constexpr,  # b_ptr is a tensor descriptor over [E * rows, K] (and a_ptr over h, for down)
+    PAIRED: tl.constexpr = False,  # gate_up with TMA: b_ptr is a descriptor over w13 viewed [E, 2, N, K]
 ):
     wait_for_inputs(PDL)
     # Programs run GROUP_M tiles down one column of slabs before moving right: neighbouring tiles (mostly
@@ -172,32 +176,43 @@ def _grouped_gemm(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # gate_up only: the up half, rows N + n of w13
+    acc_pair = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)  # PAIRED: gate then up columns, one dot
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = (offs_k < K - k * BLOCK_K) | EVEN_K  # a mask along K, where K is contiguous, costs vector loads
         if TMA_A:
             a = a_ptr.load([pid_m * BLOCK_M, k * BLOCK_K])  # down's rows of h are contiguous: one TMA box
         else:
             a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
-        if TMA:
-            b = b_ptr.load([b_row, k * BLOCK_K]).T
-        else:
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if UPCAST:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        if GATE_UP:
-            if TMA:
-                b_up = b_ptr.load([b_row + N, k * BLOCK_K]).T
-            else:
-                b_up = tl.load(b_ptrs + N * stride_bn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if PAIRED:
+            # one box of w13 viewed [E, 2, N, K]: the slab's gate rows and its up rows, 2 * BLOCK_N rows
+            b_pair = b_ptr.load([expert.to(tl.int32), 0, pid_n * BLOCK_N, k * BLOCK_K])
+            b_pair = b_pair.reshape(2 * BLOCK_N, BLOCK_K).T
             if UPCAST:
-                b_up = b_up.to(tl.float32)
-            acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
+                a, b_pair = a.to(tl.float32), b_pair.to(tl.float32)
+            acc_pair = tl.dot(a, b_pair, acc_pair, input_precision=PRECISION)
+        else:
+            if TMA:
+                b = b_ptr.load([b_row, k * BLOCK_K]).T
+            else:
+                b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            if GATE_UP:
+                if TMA:
+                    b_up = b_ptr.load([b_row + N, k * BLOCK_K]).T
+                else:
+                    b_up = tl.load(b_ptrs + N * stride_bn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                if UPCAST:
+                    b_up = b_up.to(tl.float32)
+                acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
         if not TMA_A:
             a_ptrs += BLOCK_K
         if not TMA:
             b_ptrs += BLOCK_K
 
+    if PAIRED:  # columns [gate | up] -> [BLOCK_M, BLOCK_N, 2] -> the two halves
+        acc, acc_up = acc_pair.reshape(BLOCK_M, 2, BLOCK_N).permute(0, 2, 1).split()
     if GATE_UP:
         out = acc * tl.sigmoid(acc) * acc_up  # SiLU(gate) * up, in float32
         c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
@@ -346,7 +361,10 @@ def _launch_gemm(a, b, c, weights, tiles, top_k: int, gate_up: bool, tile: GemmT
     n, k = c.shape[1], a.shape[1]
     grid = (tile_experts.numel() * triton.cdiv(n, tile.block_n),)
     a_arg, b_arg, tma = a, b, tile.tma and uses_tma(a, k)
-    if tma:  # descriptors go by value: a CUDA graph captures them with the launch
+    paired = tma and gate_up and tile.paired
+    if paired:
+        b_arg = TensorDescriptor.from_tensor(b.view(b.shape[0], 2, n, k), [1, 2, tile.block_n, tile.block_k])
+    elif tma:  # descriptors go by value: a CUDA graph captures them with the launch
         b_arg = TensorDescriptor.from_tensor(b.view(-1, k), [tile.block_n, tile.block_k])
         if not gate_up:
             a_arg = TensorDescriptor.from_tensor(a, [config.block_m, tile.block_k])
@@ -356,7 +374,7 @@ def _launch_gemm(a, b, c, weights, tiles, top_k: int, gate_up: bool, tile: GemmT
         TOP_K=top_k, GATE_UP=gate_up, BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         GROUP_M=config.group_m, EVEN_K=k % tile.block_k == 0, UPCAST=_INTERPRET and a.dtype == torch.bfloat16,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        TMA=tma, num_warps=tile.num_warps, num_stages=tile.num_stages, **pdl_options(c.device),
+        TMA=tma, PAIRED=paired, num_warps=tile.num_warps, num_stages=tile.num_stages, **pdl_options(c.device),
     )  # fmt: skip
 
 

@@ -159,6 +159,8 @@ def test_experts_without_tokens(monkeypatch):
         triton_moe.MoeConfig(64, TILE(32, 128, 4, 2), TILE(64, 16, 4, 2), group_m=8),
         # TMA loads: slabs running past an expert's rows (40 = 2.5 x 16) and past K (72 = 2 x 32 + 8)
         triton_moe.MoeConfig(16, TILE(16, 32, 4, 2, tma=True), TILE(32, 32, 4, 2, tma=True), group_m=2),
+        # gate and up slabs in one box of w13 viewed [E, 2, I, H], one dot, the halves split after
+        triton_moe.MoeConfig(32, TILE(16, 32, 4, 2, tma=True, paired=True), TILE(32, 32, 4, 2, tma=True)),
     ],
 )
 def test_fused_moe_tile_configs(monkeypatch, config):
@@ -201,7 +203,8 @@ def test_pick_config_covers_decode_and_prefill():
 @pytest.mark.parametrize("num_tokens", [1, 16, 256, 4096])
 @pytest.mark.parametrize("tma", [False, True])
 def test_fused_moe_real_shapes(num_experts, top_k, hidden, inter, num_tokens, tma):
-    """The table's tiles, with and without TMA loads."""
+    """The table's tiles, with and without TMA loads (with: gate_up's slabs paired too)."""
     config = triton_moe.pick_config(num_tokens, hidden, inter, num_experts, top_k)
-    config = replace(config, gate_up=replace(config.gate_up, tma=tma), down=replace(config.down, tma=tma))
+    gate_up = replace(config.gate_up, tma=tma, paired=tma)
+    config = replace(config, gate_up=gate_up, down=replace(config.down, tma=tma))
     check_fused_moe(num_tokens, num_experts, top_k, hidden, inter, torch.bfloat16, seed=num_tokens, config=config)

@@ -101,12 +101,14 @@ def check(args) -> None:
 
 def sweep_tiles(block_m: int) -> list:
     """Candidates: deep K chunks and narrow columns for the memory-bound small tiles; for the compute-bound
-    large ones, wgmma-sized tiles with and without TMA loads (gate_up's BLOCK_N counts half its columns)."""
+    large ones, wgmma-sized tiles with and without TMA loads, and gate_up's gate and up slabs paired in one
+    box and one dot (gate_up's BLOCK_N counts half its columns)."""
     if block_m <= 32:
         return [tm.GemmTile(n, k, 4, s) for n, k, s in product((32, 64, 128), (128, 256), (3, 4))]
     tiles = [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3)]
     tiles += [(256, 64, 8, 3), (256, 64, 8, 4)]
-    return [tm.GemmTile(*t, tma=tma) for t, tma in product(tiles, (False, True))]
+    plain_and_tma = [tm.GemmTile(*t, tma=tma) for t, tma in product(tiles, (False, True))]
+    return plain_and_tma + [tm.GemmTile(*t, tma=True, paired=True) for t in tiles]  # paired: gate_up only
 
 
 def sweep(args) -> None:
@@ -126,6 +128,8 @@ def sweep(args) -> None:
             times: dict[str, list] = {"gate_up": [], "down": []}
             for tile, stage in product(sweep_tiles(block_m), gemms):
                 if stage == "gate_up" and tile.block_n > 128:  # two accumulators that wide spill registers
+                    continue
+                if stage == "down" and tile.paired:  # the same kernel as without: pairing is gate_up's
                     continue
                 config = tm.MoeConfig(block_m, tile, tile)
                 launch = (*gemms[stage], weights.flatten().float(), aligned, top_k, stage == "gate_up", tile, config)
