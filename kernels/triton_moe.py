@@ -72,10 +72,10 @@ class MoeConfig:
 #  - middle (<= 64): still memory-bound (Qwen3-30B at 256 tokens: 16 rows per expert, 1.2 GB of weights).
 #    BLOCK_M a little above the mean keeps most experts in one or two tiles, read once.
 #  - prefill (more): compute-bound. 128-row tiles with 8 warps feed the tensor cores, their operands
-#    brought by TMA; down is 256 columns wide. On an H100 (2026-12-07 sweeps), against the 128x128 tiles of
-#    plain loads this table had before: Mixtral-8x7B at 4096 tokens (1024 rows per expert) down 1,410 us
-#    against 2,035, gate_up 3,480 against 3,670; Qwen3-30B at 4096 tokens (256 rows per expert) down 258
-#    against 300, gate_up 457 against 478.
+#    brought by TMA; down is 256 columns wide. On an H100 (2026-12-07 sweeps, each pair from one run):
+#    Mixtral-8x7B at 4096 tokens (1024 rows per expert) down 1,410 us against 1,651 for the best 128-wide
+#    tile; Qwen3-30B at 4096 tokens (256 rows per expert) down 258 against 276, gate_up 457 with TMA
+#    against 478 without (Mixtral's gate_up: no clear difference either way).
 # The gate_up GEMM keeps two accumulators (gate and up), so its BLOCK_N counts half the columns it computes.
 # `python bench/kernels/moe.py --sweep` times the alternatives per shape on the GPU.
 _TABLE: list[tuple[float, MoeConfig]] = [
