@@ -324,6 +324,7 @@ def fused_moe(
     config: MoeConfig | None = None,
 ) -> torch.Tensor:
     """x [T, H] through each token's top-k experts (w13 [E, 2I, H], w2 [E, H, I]) -> [T, H]; see the top."""
+    _check_inputs(x, w13, w2, topk_weights, topk_ids)
     num_tokens, hidden = x.shape
     num_experts, two_i, _ = w13.shape
     intermediate = two_i // 2
@@ -343,6 +344,24 @@ def fused_moe(
     out = torch.empty(num_tokens * top_k, hidden, dtype=x.dtype, device=x.device)
     _launch_gemm(h, w2, out, weights, tiles, top_k, False, config.down, config)
     return combine(out, top_k)
+
+
+def _check_inputs(x, w13, w2, topk_weights, topk_ids) -> None:
+    """Types and ranks, before any kernel sees them (a mismatch inside a kernel is a compiler error)."""
+    if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
+        dims = f"{x.dim()}, {w13.dim()}, {w2.dim()}"
+        raise ValueError(f"fused_moe takes x [T, H], w13 [E, 2I, H], w2 [E, H, I]; got {dims} dims")
+    if not (x.dtype == w13.dtype == w2.dtype) or not x.is_floating_point():
+        raise TypeError(f"x, w13 and w2 must share one float dtype, got {x.dtype}, {w13.dtype}, {w2.dtype}")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0] or topk_weights.shape != topk_ids.shape:
+        raise ValueError(
+            f"topk_ids and topk_weights must both be [T, k] with T = {x.shape[0]}; "
+            f"got {tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}"
+        )
+    if len({t.device for t in (x, w13, w2, topk_weights, topk_ids)}) != 1:
+        raise ValueError("fused_moe's tensors must all be on one device")
 
 
 def combine(y: torch.Tensor, top_k: int) -> torch.Tensor:

@@ -186,6 +186,20 @@ def test_combine_sums_each_tokens_pairs(monkeypatch, top_k, hidden):
     torch.testing.assert_close(triton_moe.combine(y, top_k).float(), expected, rtol=1e-2, atol=1e-2)
 
 
+def test_fused_moe_rejects_mismatched_inputs_with_clear_errors():
+    weights, ids = random_routing(4, 4, 2, seed=0)
+    w13, w2 = random_experts(4, 32, 16, torch.float16, seed=1)
+    x = torch.randn(4, 32, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(TypeError, match="share one float dtype"):
+        triton_moe.fused_moe(x.float(), w13, w2, weights, ids)
+    with pytest.raises(TypeError, match="int32 or int64"):
+        triton_moe.fused_moe(x, w13, w2, weights, ids.float())
+    with pytest.raises(ValueError, match=r"\[T, k\]"):
+        triton_moe.fused_moe(x, w13, w2, weights[:3], ids[:3])
+    with pytest.raises(ValueError, match="do not fit"):
+        triton_moe.fused_moe(x, w13, w2[:, :, :8], weights, ids)
+
+
 def test_pick_config_covers_decode_and_prefill():
     decode = triton_moe.pick_config(16, 2048, 768, 128, 8)
     prefill = triton_moe.pick_config(4096, 4096, 14336, 8, 2)
