@@ -222,3 +222,26 @@ def test_fused_moe_real_shapes(num_experts, top_k, hidden, inter, num_tokens, tm
     gate_up = replace(config.gate_up, tma=tma, paired=tma)
     config = replace(config, gate_up=gate_up, down=replace(config.down, tma=tma))
     check_fused_moe(num_tokens, num_experts, top_k, hidden, inter, torch.bfloat16, seed=num_tokens, config=config)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tma_tiles_replay_in_a_cuda_graph():
+    """Mixtral-sized decode batches (64 rows per expert at 256 tokens) take TMA tiles inside decode graphs:
+    the descriptors are captured by value with their launches, so a replay on new inputs must match eager."""
+    num_tokens, num_experts, top_k, hidden, inter = 256, 8, 2, 512, 1024
+    config = triton_moe.pick_config(num_tokens, hidden, inter, num_experts, top_k)
+    config = replace(config, gate_up=replace(config.gate_up, tma=True), down=replace(config.down, tma=True))
+    w13, w2 = random_experts(num_experts, hidden, inter, torch.bfloat16, seed=7)
+    x = torch.randn(num_tokens, hidden, device=DEVICE, dtype=torch.bfloat16)
+    weights, ids = random_routing(num_tokens, num_experts, top_k, seed=8)
+    triton_moe.fused_moe(x, w13, w2, weights, ids, config)  # compiled outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = triton_moe.fused_moe(x, w13, w2, weights, ids, config)
+    new_weights, new_ids = random_routing(num_tokens, num_experts, top_k, seed=9)
+    x.copy_(torch.randn_like(x))
+    weights.copy_(new_weights)
+    ids.copy_(new_ids)
+    graph.replay()
+    torch.testing.assert_close(out, triton_moe.fused_moe(x, w13, w2, weights, ids, config), rtol=0, atol=0)
