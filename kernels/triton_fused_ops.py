@@ -62,8 +62,14 @@ def pdl_options(device: torch.device) -> dict:
 
 
 @functools.lru_cache(maxsize=8)
+def is_hopper_or_later(index: int | None) -> bool:
+    """Compute capability 9.0 or more (PDL, TMA): asked once per device, off the launch path."""
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+@functools.lru_cache(maxsize=8)
 def _has_pdl(index: int | None) -> bool:
-    if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.get_device_capability(index)[0] < 9:
+    if os.environ.get("TRITON_INTERPRET") == "1" or not is_hopper_or_later(index):
         return False
     try:
         from triton.backends.nvidia.compiler import CUDAOptions

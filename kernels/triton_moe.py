@@ -37,7 +37,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from miniengine.kernels.moe import max_tiles
-from miniengine.kernels.triton_fused_ops import pdl_options, wait_for_inputs
+from miniengine.kernels.triton_fused_ops import is_hopper_or_later, pdl_options, wait_for_inputs
 
 # triton 3.9's interpreter returns wrong results for tl.dot on bf16 operands (fp16 and fp32 are right), so
 # in interpreter mode bf16 tiles are upcast to fp32 before the dot; compiled kernels never take that path.
@@ -170,13 +170,16 @@ def _grouped_gemm(
     if not TMA:
         b_ptrs = b_ptr + expert * stride_be + offs_n.to(tl.int64)[None, :] * stride_bn + offs_k[:, None]
     n_ok = offs_n < N
-    # TMA: the slab's first row in the [E * rows, K] view. Rows past the expert's N read the next rows (or
-    # zeros past the end): they only reach output columns >= N, which are not stored. K's tail reads zeros.
-    b_row = (expert * (2 * N if GATE_UP else N) + pid_n * BLOCK_N).to(tl.int32)
+    if TMA and not PAIRED:
+        # The slab's first row in the [E * rows, K] view. Rows past the expert's N read the next rows (or
+        # zeros past the end): they only reach output columns >= N, which are not stored. K's tail reads zeros.
+        b_row = (expert * (2 * N if GATE_UP else N) + pid_n * BLOCK_N).to(tl.int32)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # gate_up only: the up half, rows N + n of w13
-    acc_pair = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)  # PAIRED: gate then up columns, one dot
+    if PAIRED:
+        acc_pair = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)  # gate then up columns, one dot
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # gate_up only: the up half, rows N + n of w13
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = (offs_k < K - k * BLOCK_K) | EVEN_K  # a mask along K, where K is contiguous, costs vector loads
         if TMA_A:
@@ -401,4 +404,4 @@ def uses_tma(a: torch.Tensor, k: int) -> bool:
     """TMA needs a Hopper-class GPU (or the interpreter) and rows whose byte length is a multiple of 16."""
     if k * a.element_size() % 16:
         return False
-    return _INTERPRET or (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 9)
+    return _INTERPRET or (a.is_cuda and is_hopper_or_later(a.device.index))
