@@ -4,8 +4,8 @@ A MoE layer sends each token to `top_k` of its `E` experts (small gated MLPs) an
 weighted by the router. Three steps, each a function here:
 
     route(router_logits, top_k, ...)    -> topk_weights [T, k] fp32, topk_ids [T, k]   which experts, how much
-    align(topk_ids, E, block_m)         -> the (token, k) pairs grouped by expert, each group padded to a
-                                           whole number of GEMM tiles (what the Triton kernel iterates over)
+    align(topk_ids, E, block_m)         -> the (token, k) pairs grouped by expert, each group padded and cut
+                                           into GEMM tiles of block_m rows (what the Triton kernel iterates over)
     fused_moe(x, w13, w2, w, ids)       -> [T, hidden]: sum_k w[t, k] * expert_ids[t, k](x[t])
 
 Weight layout (the kernel's, and transformers 5's fused one): `w13` [E, 2I, H] holds each expert's gate rows
@@ -13,6 +13,8 @@ then its up rows; `w2` [E, H, I] its down projection. An expert computes down(si
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,28 +39,49 @@ def route(
     return weights, ids
 
 
-def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Group the T*k (token, k) pairs by expert and pad each group to a multiple of `block_m` rows.
+class Tiles(NamedTuple):
+    """The (token, k) pairs sorted by expert and padded, and the GEMM tiles over them (what `align` returns).
 
-    Returns `sorted_ids` (each padded row's pair index t * k + j, or T*k for padding), `tile_experts` (the
-    expert of each `block_m`-row tile; `num_experts` past the end) and `num_padded` (a 1-element tensor: rows
-    in use). Lengths are fixed by the host-side bound T*k + min(E, T*k) * (block_m - 1), so nothing here
-    waits for the device: every op is sync-free, and a CUDA graph can capture it.
+    A tile is up to `block_m` consecutive rows of one expert; tile t covers rows starts[t] to starts[t + 1].
+    Lengths are host-side bounds, so nothing waits for the device; entries past `count` are unused.
     """
+
+    sorted_ids: torch.Tensor  # [rows] each row's pair index t * k + j, or T*k for padding
+    experts: torch.Tensor  # [tiles] each tile's expert (E past the end)
+    starts: torch.Tensor  # [tiles + 1] each tile's first row; from `count` on, the rows in use
+    count: torch.Tensor  # [1] tiles in use
+
+
+def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, granule: int | None = None) -> Tiles:
+    """Group the T*k (token, k) pairs by expert, pad each group to a multiple of `granule` rows (default
+    `block_m`), and cut each group into tiles of `block_m` rows: only a group's last tile may be shorter.
+
+    With granule = block_m / 2 an expert with 260 rows takes two full tiles and one of block_m / 2 rows (the
+    GEMM runs it as a half-height tile) instead of a third full tile that is almost all padding.
+    Every op is sync-free (a CUDA graph can capture it); lengths come from `max_tiles`.
+    """
+    granule = granule or block_m
+    if block_m % granule:
+        raise ValueError(f"granule {granule} must divide block_m {block_m}")
     flat = topk_ids.flatten().long()
-    num_pairs = flat.numel()
+    num_pairs, device = flat.numel(), flat.device
     num_tiles = max_tiles(num_pairs, num_experts, block_m)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + block_m - 1) // block_m * block_m
+    padded = (counts + granule - 1) // granule * granule
     ends = padded.cumsum(0)  # where each expert's padded group ends
     experts, order = torch.sort(flat, stable=True)  # pairs grouped by expert, in pair order within each
-    rank = torch.arange(num_pairs, device=flat.device) - (counts.cumsum(0) - counts)[experts]
-    sorted_ids = torch.full((num_tiles * block_m,), num_pairs, dtype=torch.int32, device=flat.device)
+    rank = torch.arange(num_pairs, device=device) - (counts.cumsum(0) - counts)[experts]
+    sorted_ids = torch.full((num_tiles * block_m,), num_pairs, dtype=torch.int32, device=device)
     sorted_ids[(ends - padded)[experts] + rank] = order.to(torch.int32)
-    tile_starts = torch.arange(0, num_tiles * block_m, block_m, device=flat.device)
-    tile_experts = torch.searchsorted(ends, tile_starts, right=True).to(torch.int32)
-    return sorted_ids, tile_experts, ends[-1:].to(torch.int32)
+    tiles_per_expert = (padded + block_m - 1) // block_m
+    tile_ends = tiles_per_expert.cumsum(0)
+    t = torch.arange(num_tiles + 1, device=device)
+    tile_experts = torch.searchsorted(tile_ends, t, right=True)
+    e = tile_experts.clamp(max=num_experts - 1)
+    first_row = (ends - padded)[e] + (t - (tile_ends - tiles_per_expert)[e]) * block_m
+    starts = torch.where(t < tile_ends[-1], first_row, ends[-1])
+    return Tiles(sorted_ids, tile_experts[:-1].to(torch.int32), starts.to(torch.int32), tile_ends[-1:].to(torch.int32))
 
 
 def max_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:

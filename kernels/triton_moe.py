@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from miniengine.kernels.moe import max_tiles
+from miniengine.kernels.moe import Tiles, max_tiles
 from miniengine.kernels.triton_fused_ops import is_hopper_or_later, pdl_options, wait_for_inputs
 
 # triton 3.9's interpreter returns wrong results for tl.dot on bf16 operands (fp16 and fp32 are right), so
@@ -64,6 +64,16 @@ class MoeConfig:
     gate_up: GemmTile
     down: GemmTile
     group_m: int = 8
+    short_tiles: bool = False  # a group's last tile may be block_m / 2 rows, run at that height
+
+    def __post_init__(self):
+        if self.short_tiles and self.block_m < 32:
+            raise ValueError(f"short tiles are block_m / 2 >= 16 rows (tl.dot's least); block_m is {self.block_m}")
+
+    @property
+    def granule(self) -> int:
+        """Each expert's group of rows is padded to a multiple of this."""
+        return self.block_m // 2 if self.short_tiles else self.block_m
 
 
 # Chosen by how many rows each expert gets on average, T*k/E (what decides the GEMM's shape):
@@ -82,7 +92,10 @@ _TABLE: list[tuple[float, MoeConfig]] = [
     (8, MoeConfig(16, GemmTile(64, 128, 4, 4), GemmTile(64, 128, 4, 4))),
     (24, MoeConfig(32, GemmTile(64, 128, 4, 4), GemmTile(64, 128, 4, 4))),
     (64, MoeConfig(64, GemmTile(128, 64, 8, 4, tma=True), GemmTile(128, 64, 8, 3, tma=True))),
-    (float("inf"), MoeConfig(128, GemmTile(128, 64, 8, 4, tma=True), GemmTile(256, 64, 8, 4, tma=True))),
+    (
+        float("inf"),
+        MoeConfig(128, GemmTile(128, 64, 8, 4, tma=True), GemmTile(256, 64, 8, 4, tma=True), short_tiles=True),
+    ),
 ]
 
 
@@ -91,11 +104,8 @@ def pick_config(num_tokens: int, hidden: int, intermediate: int, num_experts: in
     rows_per_expert = num_tokens * top_k / num_experts
     config = next(config for limit, config in _TABLE if rows_per_expert <= limit)
     # Tiles wider than the matrix only add masked work (small test shapes).
-    return MoeConfig(
-        config.block_m,
-        _fit(config.gate_up, intermediate, hidden),
-        _fit(config.down, hidden, intermediate),
-        config.group_m,
+    return replace(
+        config, gate_up=_fit(config.gate_up, intermediate, hidden), down=_fit(config.down, hidden, intermediate)
     )
 
 
@@ -114,16 +124,18 @@ def _halve(tile: GemmTile) -> GemmTile:
 @triton.jit(do_not_specialize=["num_pairs", "num_tiles_m"])
 def _grouped_gemm(
     a_ptr,  # [rows, K]: x (gate_up, rows gathered by token) or h (down, rows in sorted order)
+    a_desc,  # down with TMA: a tensor descriptor over h, BLOCK_M x BLOCK_K boxes (else a_ptr again)
     b_ptr,  # [E, N or 2N, K]: w13 or w2
     c_ptr,  # [padded rows, N] (gate_up) or [T*k, N] (down)
     weights_ptr,  # [T*k] routing weights (down only)
     sorted_ids_ptr,
     tile_experts_ptr,
-    num_padded_ptr,
+    tile_starts_ptr,
+    num_tiles_ptr,
     num_pairs,  # T*k: the pair index that marks padding
     N,
     K,
-    num_tiles_m,
+    num_tiles_m,  # the host's bound on tiles (the grid); num_tiles_ptr holds the count in use
     stride_am,
     stride_be,
     stride_bn,
@@ -138,8 +150,9 @@ def _grouped_gemm(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,  # "ieee" for float32 inputs: full fp32 products, not tf32 (fp32 is for parity)
     PDL: tl.constexpr,  # dependent launch (triton_fused_ops.py): launched while the kernel before ends
-    TMA: tl.constexpr,  # b_ptr is a tensor descriptor over [E * rows, K] (and a_ptr over h, for down)
+    TMA: tl.constexpr,  # b_ptr is a tensor descriptor over [E * rows, K] (and a_desc over h, for down)
     PAIRED: tl.constexpr = False,  # gate_up with TMA: b_ptr is a descriptor over w13 viewed [E, 2, N, K]
+    SHORT: tl.constexpr = False,  # tiles of BLOCK_M / 2 rows may end a group: run them at that height
 ):
     wait_for_inputs(PDL)
     # Programs run GROUP_M tiles down one column of slabs before moving right: neighbouring tiles (mostly
@@ -151,11 +164,34 @@ def _grouped_gemm(
     group_size = tl.minimum(num_tiles_m - first_m, GROUP_M)
     pid_m = first_m + (pid % per_group) % group_size
     pid_n = (pid % per_group) // group_size
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+    if pid_m >= tl.load(num_tiles_ptr):
         return
-
     expert = tl.load(tile_experts_ptr + pid_m).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = tl.load(tile_starts_ptr + pid_m)
+    if SHORT:  # a group's last tile may be BLOCK_M / 2 rows: run it at that height (down loads its h rows)
+        short = tl.load(tile_starts_ptr + pid_m + 1) - row0 <= BLOCK_M // 2
+    else:
+        short = False
+    if short:
+        _tile(a_ptr, a_desc, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert, row0, pid_n, num_pairs, N, K,
+              stride_am, stride_be, stride_bn, stride_cm, TOP_K, GATE_UP, BLOCK_M // 2, BLOCK_N, BLOCK_K,
+              EVEN_K, UPCAST, PRECISION, TMA, False, PAIRED)  # fmt: skip
+    else:
+        _tile(a_ptr, a_desc, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert, row0, pid_n, num_pairs, N, K,
+              stride_am, stride_be, stride_bn, stride_cm, TOP_K, GATE_UP, BLOCK_M, BLOCK_N, BLOCK_K,
+              EVEN_K, UPCAST, PRECISION, TMA, TMA and not GATE_UP, PAIRED)  # fmt: skip
+
+
+@triton.jit
+def _tile(
+    a_ptr, a_desc, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert, row0, pid_n, num_pairs, N, K,
+    stride_am, stride_be, stride_bn, stride_cm,
+    TOP_K: tl.constexpr, GATE_UP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    TMA: tl.constexpr, TMA_A: tl.constexpr, PAIRED: tl.constexpr,
+):  # fmt: skip
+    """One program's BLOCK_M x BLOCK_N outputs: the rows from row0 (all one expert's), one slab of its weights."""
+    rows = row0 + tl.arange(0, BLOCK_M)
     pairs = tl.load(sorted_ids_ptr + rows)
     real = pairs < num_pairs
     if GATE_UP:
@@ -164,8 +200,7 @@ def _grouped_gemm(
         a_rows = rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    TMA_A: tl.constexpr = TMA and not GATE_UP  # gate_up gathers its rows of x: plain loads
-    if not TMA_A:
+    if not TMA_A:  # gate_up gathers its rows of x: plain loads
         a_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
     if not TMA:
         b_ptrs = b_ptr + expert * stride_be + offs_n.to(tl.int64)[None, :] * stride_bn + offs_k[:, None]
@@ -183,7 +218,7 @@ def _grouped_gemm(
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = (offs_k < K - k * BLOCK_K) | EVEN_K  # a mask along K, where K is contiguous, costs vector loads
         if TMA_A:
-            a = a_ptr.load([pid_m * BLOCK_M, k * BLOCK_K])  # down's rows of h are contiguous: one TMA box
+            a = a_desc.load([row0, k * BLOCK_K])  # down's rows of h are contiguous: one TMA box
         else:
             a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
         if PAIRED:
@@ -244,11 +279,13 @@ def _place_pairs(
     cursors_ptr,
     sorted_ids_ptr,
     tile_experts_ptr,
-    num_padded_ptr,
+    tile_starts_ptr,
+    tile_count_ptr,
     num_pairs,
     num_experts,
     num_tiles,
     BLOCK_M: tl.constexpr,
+    GRANULE: tl.constexpr,
     E_PAD: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -258,16 +295,24 @@ def _place_pairs(
     expert's start plus a slot taken with an atomic add. Program 0 also writes the tile list."""
     wait_for_inputs(PDL)
     e_offs = tl.arange(0, E_PAD)
-    counts = tl.load(counts_ptr + e_offs, mask=e_offs < num_experts, other=0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    e_ok = e_offs < num_experts
+    counts = tl.load(counts_ptr + e_offs, mask=e_ok, other=0)
+    padded = (counts + GRANULE - 1) // GRANULE * GRANULE
     ends = tl.cumsum(padded, 0)
     starts = ends - padded
     if tl.program_id(0) == 0:
-        tl.store(num_padded_ptr, tl.sum(padded, 0))
-        for t0 in range(0, num_tiles, BLOCK_T):
+        tiles = (padded + BLOCK_M - 1) // BLOCK_M  # an expert's tiles: full ones, the last maybe shorter
+        tile_ends = tl.cumsum(tiles, 0)
+        first_tile = tile_ends - tiles
+        total_tiles, total_rows = tl.sum(tiles, 0), tl.sum(padded, 0)
+        tl.store(tile_count_ptr, total_tiles)
+        for t0 in range(0, num_tiles + 1, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
-            done = (ends[None, :] <= t[:, None] * BLOCK_M) & (e_offs < num_experts)[None, :]
-            tl.store(tile_experts_ptr + t, tl.sum(done.to(tl.int32), 1), mask=t < num_tiles)
+            expert = tl.sum(((tile_ends[None, :] <= t[:, None]) & e_ok[None, :]).to(tl.int32), 1)
+            mine = e_offs[None, :] == expert[:, None]  # gathers starts[expert], first_tile[expert]
+            row = tl.sum(tl.where(mine, starts[None, :] + (t[:, None] - first_tile[None, :]) * BLOCK_M, 0), 1)
+            tl.store(tile_experts_ptr + t, expert, mask=t < num_tiles)
+            tl.store(tile_starts_ptr + t, tl.where(t < total_tiles, row, total_rows), mask=t <= num_tiles)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < num_pairs
     experts = tl.load(ids_ptr + offs, mask=ok, other=0).to(tl.int32)
@@ -289,14 +334,15 @@ def _combine(out_ptr, y_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, PDL:
     tl.store(out_ptr + token * H + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def triton_align(
-    topk_ids: torch.Tensor, num_experts: int, block_m: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def triton_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, granule: int | None = None) -> Tiles:
     """`kernels.moe.align` in two small kernels (the torch version takes ~25 launches, too many for decode).
 
     Same outputs, except that within one expert's group the pairs come in the order the atomics hand out
     slots (any order gives the same results: each row of a GEMM is computed on its own).
     """
+    granule = granule or block_m
+    if block_m % granule:
+        raise ValueError(f"granule {granule} must divide block_m {block_m}")
     device = topk_ids.device
     ids = topk_ids.flatten()
     num_pairs = ids.numel()
@@ -305,17 +351,18 @@ def triton_align(
     scratch = torch.zeros(2, e_pad, dtype=torch.int32, device=device)  # counts, then cursors
     sorted_ids = torch.empty(num_tiles * block_m, dtype=torch.int32, device=device)
     tile_experts = torch.empty(num_tiles, dtype=torch.int32, device=device)
-    num_padded = torch.empty(1, dtype=torch.int32, device=device)
+    tile_starts = torch.empty(num_tiles + 1, dtype=torch.int32, device=device)
+    tile_count = torch.empty(1, dtype=torch.int32, device=device)
     pdl = pdl_options(device)
     _count_experts[(triton.cdiv(sorted_ids.numel(), 1024),)](
         ids, scratch[0], sorted_ids, num_pairs, sorted_ids.numel(), BLOCK=1024, **pdl
     )
     block = max(16, 8192 // e_pad)  # the [block, E_PAD] gather of starts stays small
     _place_pairs[(triton.cdiv(num_pairs, block),)](
-        ids, scratch[0], scratch[1], sorted_ids, tile_experts, num_padded, num_pairs, num_experts, num_tiles,
-        BLOCK_M=block_m, E_PAD=e_pad, BLOCK=block, BLOCK_T=max(16, 4096 // e_pad), **pdl,
+        ids, scratch[0], scratch[1], sorted_ids, tile_experts, tile_starts, tile_count, num_pairs, num_experts,
+        num_tiles, BLOCK_M=block_m, GRANULE=granule, E_PAD=e_pad, BLOCK=block, BLOCK_T=max(16, 4096 // e_pad), **pdl,
     )  # fmt: skip
-    return sorted_ids, tile_experts, num_padded
+    return Tiles(sorted_ids, tile_experts, tile_starts, tile_count)
 
 
 def fused_moe(
@@ -338,11 +385,11 @@ def fused_moe(
         )
     config = config or pick_config(num_tokens, hidden, intermediate, num_experts, top_k)
     if x.element_size() == 4:  # fp32 (parity runs): tiles of twice the bytes; halve K and the pipeline to fit
-        config = MoeConfig(config.block_m, _halve(config.gate_up), _halve(config.down), config.group_m)
+        config = replace(config, gate_up=_halve(config.gate_up), down=_halve(config.down))
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
     weights = topk_weights.flatten().float().contiguous()
-    tiles = triton_align(topk_ids, num_experts, config.block_m)
-    h = torch.empty(tiles[0].numel(), intermediate, dtype=x.dtype, device=x.device)
+    tiles = triton_align(topk_ids, num_experts, config.block_m, config.granule)
+    h = torch.empty(tiles.sorted_ids.numel(), intermediate, dtype=x.dtype, device=x.device)
     _launch_gemm(x, w13, h, weights, tiles, top_k, True, config.gate_up, config)
     out = torch.empty(num_tokens * top_k, hidden, dtype=x.dtype, device=x.device)
     _launch_gemm(h, w2, out, weights, tiles, top_k, False, config.down, config)
@@ -378,25 +425,25 @@ def combine(y: torch.Tensor, top_k: int) -> torch.Tensor:
     return out
 
 
-def _launch_gemm(a, b, c, weights, tiles, top_k: int, gate_up: bool, tile: GemmTile, config: MoeConfig) -> None:
-    sorted_ids, tile_experts, num_padded = tiles
+def _launch_gemm(a, b, c, weights, tiles: Tiles, top_k: int, gate_up: bool, tile: GemmTile, config: MoeConfig) -> None:
     n, k = c.shape[1], a.shape[1]
-    grid = (tile_experts.numel() * triton.cdiv(n, tile.block_n),)
-    a_arg, b_arg, tma = a, b, tile.tma and uses_tma(a, k)
+    grid = (tiles.experts.numel() * triton.cdiv(n, tile.block_n),)
+    a_desc, b_arg, tma = a, b, tile.tma and uses_tma(a, k)
     paired = tma and gate_up and tile.paired
     if paired:
         b_arg = TensorDescriptor.from_tensor(b.view(b.shape[0], 2, n, k), [1, 2, tile.block_n, tile.block_k])
     elif tma:  # descriptors go by value: a CUDA graph captures them with the launch
         b_arg = TensorDescriptor.from_tensor(b.view(-1, k), [tile.block_n, tile.block_k])
-        if not gate_up:
-            a_arg = TensorDescriptor.from_tensor(a, [config.block_m, tile.block_k])
+    if tma and not gate_up:
+        a_desc = TensorDescriptor.from_tensor(a, [config.block_m, tile.block_k])
     _grouped_gemm[grid](
-        a_arg, b_arg, c, weights, sorted_ids, tile_experts, num_padded, weights.numel(), n, k, tile_experts.numel(),
-        a.stride(0), b.stride(0), b.stride(1), c.stride(0),
+        a, a_desc, b_arg, c, weights, tiles.sorted_ids, tiles.experts, tiles.starts, tiles.count, weights.numel(),
+        n, k, tiles.experts.numel(), a.stride(0), b.stride(0), b.stride(1), c.stride(0),
         TOP_K=top_k, GATE_UP=gate_up, BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         GROUP_M=config.group_m, EVEN_K=k % tile.block_k == 0, UPCAST=_INTERPRET and a.dtype == torch.bfloat16,
-        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        TMA=tma, PAIRED=paired, num_warps=tile.num_warps, num_stages=tile.num_stages, **pdl_options(c.device),
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32", TMA=tma, PAIRED=paired,
+        SHORT=config.granule < config.block_m, num_warps=tile.num_warps, num_stages=tile.num_stages,
+        **pdl_options(c.device),
     )  # fmt: skip
 
 

@@ -71,31 +71,48 @@ def test_route_matches_mixtral_router_and_softmax_after_topk():
     "num_tokens, num_experts, top_k, block_m",
     [(1, 8, 2, 16), (3, 16, 8, 16), (37, 6, 3, 4), (64, 128, 8, 16), (200, 8, 2, 64), (5, 4, 4, 1), (700, 3, 2, 16)],
 )
+@pytest.mark.parametrize("short", [False, True], ids=["full", "short"])
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_align_invariants(impl, num_tokens, num_experts, top_k, block_m):
+def test_align_invariants(impl, short, num_tokens, num_experts, top_k, block_m):
     _, ids = random_routing(num_tokens, num_experts, top_k, seed=num_tokens, skew=4.0)
     align = moe.align if impl == "torch" else triton_moe.triton_align
-    sorted_ids, tile_experts, num_padded = align(ids, num_experts, block_m)
+    granule = max(1, block_m // 2) if short else block_m
+    tiles = align(ids, num_experts, block_m, granule)
     num_pairs = num_tokens * top_k
     counts = torch.bincount(ids.flatten().cpu(), minlength=num_experts)
-    used = int(num_padded)
-    assert used == sum(-(-int(c) // block_m) * block_m for c in counts)
-    assert sorted_ids.numel() <= num_pairs + min(num_experts, num_pairs) * (block_m - 1) + block_m - 1
-    assert sorted_ids.numel() == tile_experts.numel() * block_m >= used
-    rows, tiles = sorted_ids.cpu().long(), tile_experts.cpu().long()
+    rows, experts, starts = (t.cpu().long() for t in (tiles.sorted_ids, tiles.experts, tiles.starts))
+    count = int(tiles.count)
+    used = int(starts[count])
+    assert count == sum(-(-int(c) // block_m) for c in counts)
+    assert used == sum(-(-int(c) // granule) * granule for c in counts)
+    assert count <= experts.numel() == starts.numel() - 1 and rows.numel() == experts.numel() * block_m
+    assert rows.numel() <= num_pairs + min(num_experts, num_pairs) * (block_m - 1) + block_m - 1
     real = rows[:used][rows[:used] < num_pairs]
     assert sorted(real.tolist()) == list(range(num_pairs)), "every (token, k) pair appears exactly once"
-    assert (rows[used:] == num_pairs).all() and (tiles[used // block_m :] == num_experts).all()
+    assert (
+        (rows[used:] == num_pairs).all() and (experts[count:] == num_experts).all() and (starts[count:] == used).all()
+    )
+    assert starts[0] == 0
     flat = ids.flatten().cpu()
-    for t in range(used // block_m):
-        tile = rows[t * block_m : (t + 1) * block_m]
+    for t in range(count):
+        tile = rows[starts[t] : starts[t + 1]]
+        assert 0 < len(tile) <= block_m and len(tile) % granule == 0
+        last_of_expert = t + 1 == count or experts[t + 1] != experts[t]
+        assert len(tile) == block_m or last_of_expert, "only a group's last tile is shorter"
         pairs = tile[tile < num_pairs]
         assert len(pairs) > 0, "no tile is all padding"
-        assert (flat[pairs] == tiles[t]).all(), "each tile's pairs belong to its expert"
+        assert (flat[pairs] == experts[t]).all(), "each tile's pairs belong to its expert"
         assert (tile[: len(pairs)] == pairs).all(), "padding last"
         # The torch version keeps pair order within an expert; the kernel's atomics may not (on a GPU).
         assert impl == "triton" or (pairs.diff() > 0).all()
-    assert (tiles[: used // block_m].diff() >= 0).all(), "experts in order"
+    assert (experts[:count].diff() >= 0).all(), "experts in order"
+
+
+def test_align_rejects_a_granule_that_does_not_divide_the_tile():
+    _, ids = random_routing(4, 4, 2, seed=0)
+    for align in (moe.align, triton_moe.triton_align):
+        with pytest.raises(ValueError, match="must divide"):
+            align(ids, 4, 16, 12)
 
 
 # ---- the grouped GEMM ------------------------------------------------------------------------------------
@@ -167,6 +184,22 @@ def test_fused_moe_tile_configs(monkeypatch, config):
     """Tiles narrower than the matrices (several column slabs, a K loop with a remainder, GROUP_M ordering)."""
     poison_empty(monkeypatch)
     check_fused_moe(29, 5, 2, 72, 40, torch.float16, seed=3, config=config)
+
+
+@pytest.mark.parametrize("tma", [False, True])
+def test_short_tiles_end_groups_at_half_height(monkeypatch, tma):
+    """With short tiles an expert's last tile may be BLOCK_M / 2 rows; those programs run a half-height tile
+    (down's h rows by plain loads even where full tiles take TMA boxes)."""
+    poison_empty(monkeypatch)
+    config = triton_moe.MoeConfig(
+        32, TILE(16, 32, 4, 2, tma=tma, paired=tma), TILE(32, 32, 4, 2, tma=tma), short_tiles=True
+    )
+    ids = check_fused_moe(70, 4, 2, 72, 40, torch.float16, seed=4, config=config)
+    tiles = moe.align(ids, 4, 32, config.granule)
+    sizes = tiles.starts[1 : int(tiles.count) + 1] - tiles.starts[: int(tiles.count)]
+    assert (sizes == 16).any() and (sizes == 32).any(), "both heights of tile ran"
+    with pytest.raises(ValueError, match="short tiles"):
+        triton_moe.MoeConfig(16, TILE(16, 32, 4, 2), TILE(16, 32, 4, 2), short_tiles=True)
 
 
 def test_tma_tiles_fall_back_to_plain_loads_where_rows_are_not_16_byte_multiples(monkeypatch):

@@ -120,9 +120,13 @@ def sweep(args) -> None:
         rows = num_tokens * top_k / num_experts  # per expert, on average
         best = None
         fits = [bm for bm in (16, 32, 64, 128, 256) if min(64, rows / 4) <= bm <= max(16, 2 * rows)]
-        for block_m in [bm for bm in fits if not args.block_m or bm in args.block_m]:
-            aligned = tm.triton_align(ids, num_experts, block_m)
-            h = torch.empty(aligned[0].numel(), inter, dtype=x.dtype, device=DEVICE)
+        block_ms = [bm for bm in fits if not args.block_m or bm in args.block_m]
+        for block_m, short in product(block_ms, (False, True)):
+            if short and block_m < 64:  # half of a small tile is below the tensor cores' 64-row step
+                continue
+            granule = block_m // 2 if short else block_m
+            aligned = tm.triton_align(ids, num_experts, block_m, granule)
+            h = torch.empty(aligned.sorted_ids.numel(), inter, dtype=x.dtype, device=DEVICE)
             out = torch.empty(ids.numel(), hidden, dtype=x.dtype, device=DEVICE)
             gemms = {"gate_up": (x, w13, h), "down": (h, w2, out)}
             times: dict[str, list] = {"gate_up": [], "down": []}
@@ -131,7 +135,7 @@ def sweep(args) -> None:
                     continue
                 if stage == "down" and tile.paired:  # the same kernel as without: pairing is gate_up's
                     continue
-                config = tm.MoeConfig(block_m, tile, tile)
+                config = tm.MoeConfig(block_m, tile, tile, short_tiles=short)
                 launch = (*gemms[stage], weights.flatten().float(), aligned, top_k, stage == "gate_up", tile, config)
                 try:
                     times[stage].append((bench_us(partial(tm._launch_gemm, *launch)), repr(tile), tile))
@@ -141,9 +145,12 @@ def sweep(args) -> None:
                 for t, name, _ in sorted(times[stage])[:4]:
                     print(f"    {stage:7} {t:8.1f} us  {name}")
             (t1, _, tile1), (t2, _, tile2) = min(times["gate_up"]), min(times["down"])
-            candidate = tm.MoeConfig(block_m, tile1, tile2)
+            candidate = tm.MoeConfig(block_m, tile1, tile2, short_tiles=short)
             total = bench_us(partial(tm.fused_moe, *inputs, candidate))
-            print(f"  {model} T={num_tokens} BLOCK_M={block_m}: gate_up {t1:.1f} + down {t2:.1f}, all {total:.1f} us")
+            print(
+                f"  {model} T={num_tokens} BLOCK_M={block_m} short={short}: gate_up {t1:.1f} + down {t2:.1f}, "
+                f"all {total:.1f} us"
+            )
             if best is None or total < best[0]:
                 best = (total, candidate)
         table = bench_us(partial(tm.fused_moe, *inputs))
@@ -152,18 +159,18 @@ def sweep(args) -> None:
 
 def stages(inputs, config: tm.MoeConfig) -> dict:
     """Where the time goes: each stage of `tm.fused_moe` timed alone, and the share of its GEMM rows that are
-    tile padding (each expert's group is rounded up to BLOCK_M rows; those rows are multiplied too)."""
+    tile padding (each expert's group is rounded up to the tile granule; those rows are multiplied too)."""
     x, w13, w2, weights, ids = inputs
     num_experts, top_k = w13.shape[0], ids.shape[1]
     inter, hidden = w2.shape[2], w2.shape[1]
     flat_weights = weights.flatten().float()
-    aligned = tm.triton_align(ids, num_experts, config.block_m)
-    h = torch.empty(aligned[0].numel(), inter, dtype=x.dtype, device=DEVICE)
+    aligned = tm.triton_align(ids, num_experts, config.block_m, config.granule)
+    h = torch.empty(aligned.sorted_ids.numel(), inter, dtype=x.dtype, device=DEVICE)
     out = torch.empty(ids.numel(), hidden, dtype=x.dtype, device=DEVICE)
-    padded = int(aligned[2].item())
+    padded = int(aligned.starts[int(aligned.count)])
     gemm = partial(tm._launch_gemm, weights=flat_weights, tiles=aligned, top_k=top_k, config=config)
     return dict(
-        align_us=bench_us(partial(tm.triton_align, ids, num_experts, config.block_m)),
+        align_us=bench_us(partial(tm.triton_align, ids, num_experts, config.block_m, config.granule)),
         gate_up_us=bench_us(partial(gemm, x, w13, h, gate_up=True, tile=config.gate_up)),
         down_us=bench_us(partial(gemm, h, w2, out, gate_up=False, tile=config.down)),
         combine_us=bench_us(partial(tm.combine, out, top_k)),
