@@ -28,6 +28,7 @@ tiles past the count return at once. So a MoE layer never waits for the device (
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, replace
 
@@ -54,6 +55,7 @@ class GemmTile:
     num_stages: int
     tma: bool = False  # weight slabs (and down's rows of h) through the TMA unit: Hopper and later
     paired: bool = False  # gate_up with TMA: gate and up slabs in one box and one dot, 2 * block_n wide
+    persistent: bool = False  # one program per SM looping over the tiles (the next tile's loads overlap)
 
 
 @dataclass(frozen=True)
@@ -153,19 +155,42 @@ def _grouped_gemm(
     TMA: tl.constexpr,  # b_ptr is a tensor descriptor over [E * rows, K] (and a_desc over h, for down)
     PAIRED: tl.constexpr = False,  # gate_up with TMA: b_ptr is a descriptor over w13 viewed [E, 2, N, K]
     SHORT: tl.constexpr = False,  # tiles of BLOCK_M / 2 rows may end a group: run them at that height
+    PERSISTENT: tl.constexpr = False,  # a grid of one program per SM, each looping over work items
 ):
     wait_for_inputs(PDL)
-    # Programs run GROUP_M tiles down one column of slabs before moving right: neighbouring tiles (mostly
-    # the same expert) share the slab in L2.
-    pid = tl.program_id(0)
     num_tiles_n = tl.cdiv(N, BLOCK_N)
+    if PERSISTENT:  # one program per SM walks the (tile, slab) pairs; the loop nest is pipelined as one loop
+        count = tl.load(num_tiles_ptr)
+        for work in tl.range(tl.program_id(0), count * num_tiles_n, tl.num_programs(0), flatten=not SHORT):
+            pid_m, pid_n = _tile_coords(work, count, num_tiles_n, GROUP_M)
+            _one_tile(a_ptr, a_desc, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, tile_experts_ptr, tile_starts_ptr,
+                      pid_m, pid_n, num_pairs, N, K, stride_am, stride_be, stride_bn, stride_cm, TOP_K, GATE_UP,
+                      BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, PRECISION, TMA, PAIRED, SHORT)  # fmt: skip
+    else:  # a program per (tile, slab) of the host's bound; those past the count return at once
+        pid_m, pid_n = _tile_coords(tl.program_id(0), num_tiles_m, num_tiles_n, GROUP_M)
+        if pid_m < tl.load(num_tiles_ptr):
+            _one_tile(a_ptr, a_desc, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, tile_experts_ptr, tile_starts_ptr,
+                      pid_m, pid_n, num_pairs, N, K, stride_am, stride_be, stride_bn, stride_cm, TOP_K, GATE_UP,
+                      BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, PRECISION, TMA, PAIRED, SHORT)  # fmt: skip
+
+
+@triton.jit
+def _tile_coords(work, num_tiles_m, num_tiles_n, GROUP_M: tl.constexpr):
+    """Work item -> (tile, slab). Items run GROUP_M tiles down one column of slabs before moving right:
+    neighbouring tiles (mostly the same expert) share the slab in L2."""
     per_group = GROUP_M * num_tiles_n
-    first_m = (pid // per_group) * GROUP_M
+    first_m = (work // per_group) * GROUP_M
     group_size = tl.minimum(num_tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
-    if pid_m >= tl.load(num_tiles_ptr):
-        return
+    return first_m + (work % per_group) % group_size, (work % per_group) // group_size
+
+
+@triton.jit
+def _one_tile(
+    a_ptr, a_desc, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, tile_experts_ptr, tile_starts_ptr, pid_m, pid_n,
+    num_pairs, N, K, stride_am, stride_be, stride_bn, stride_cm, TOP_K: tl.constexpr, GATE_UP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, PAIRED: tl.constexpr, SHORT: tl.constexpr,
+):  # fmt: skip
     expert = tl.load(tile_experts_ptr + pid_m).to(tl.int64)
     row0 = tl.load(tile_starts_ptr + pid_m)
     if SHORT:  # a group's last tile may be BLOCK_M / 2 rows: run it at that height (down loads its h rows)
@@ -428,6 +453,8 @@ def combine(y: torch.Tensor, top_k: int) -> torch.Tensor:
 def _launch_gemm(a, b, c, weights, tiles: Tiles, top_k: int, gate_up: bool, tile: GemmTile, config: MoeConfig) -> None:
     n, k = c.shape[1], a.shape[1]
     grid = (tiles.experts.numel() * triton.cdiv(n, tile.block_n),)
+    if tile.persistent:
+        grid = (min(grid[0], _num_sms(c.device)),)
     a_desc, b_arg, tma = a, b, tile.tma and uses_tma(a, k)
     paired = tma and gate_up and tile.paired
     if paired:
@@ -442,9 +469,16 @@ def _launch_gemm(a, b, c, weights, tiles: Tiles, top_k: int, gate_up: bool, tile
         TOP_K=top_k, GATE_UP=gate_up, BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         GROUP_M=config.group_m, EVEN_K=k % tile.block_k == 0, UPCAST=_INTERPRET and a.dtype == torch.bfloat16,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32", TMA=tma, PAIRED=paired,
-        SHORT=config.granule < config.block_m, num_warps=tile.num_warps, num_stages=tile.num_stages,
-        **pdl_options(c.device),
+        SHORT=config.granule < config.block_m, PERSISTENT=tile.persistent, num_warps=tile.num_warps,
+        num_stages=tile.num_stages, **pdl_options(c.device),
     )  # fmt: skip
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few programs, each looping over several work items
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def uses_tma(a: torch.Tensor, k: int) -> bool:

@@ -178,6 +178,11 @@ def test_experts_without_tokens(monkeypatch):
         triton_moe.MoeConfig(16, TILE(16, 32, 4, 2, tma=True), TILE(32, 32, 4, 2, tma=True), group_m=2),
         # gate and up slabs in one box of w13 viewed [E, 2, I, H], one dot, the halves split after
         triton_moe.MoeConfig(32, TILE(16, 32, 4, 2, tma=True, paired=True), TILE(32, 32, 4, 2, tma=True)),
+        # persistent: a few programs, each looping over many (tile, slab) items; with TMA; with short tiles
+        triton_moe.MoeConfig(16, TILE(16, 32, 4, 2, persistent=True), TILE(32, 32, 4, 2, persistent=True)),
+        triton_moe.MoeConfig(
+            32, TILE(16, 32, 4, 2, True, True, persistent=True), TILE(16, 32, 4, 2, True, persistent=True), 2, True
+        ),
     ],
 )
 def test_fused_moe_tile_configs(monkeypatch, config):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
+from dataclasses import replace
 from functools import partial
 from itertools import product
 from pathlib import Path
@@ -99,16 +100,21 @@ def check(args) -> None:
                 raise SystemExit(f"{name} is wrong at {model} T={num_tokens}: relative error {err:.2e}")
 
 
-def sweep_tiles(block_m: int) -> list:
+def sweep_tiles(block_m: int, tma_only: bool = False) -> list:
     """Candidates: deep K chunks and narrow columns for the memory-bound small tiles; for the compute-bound
-    large ones, wgmma-sized tiles with and without TMA loads, and gate_up's gate and up slabs paired in one
-    box and one dot (gate_up's BLOCK_N counts half its columns)."""
+    large ones, wgmma-sized tiles with and without TMA loads, gate_up's gate and up slabs paired in one box
+    and one dot (gate_up's BLOCK_N counts half its columns), and persistent programs (one per SM).
+    `tma_only`: just the 8-warp TMA tiles (the prefill shapes' fastest, a quicker sweep)."""
     if block_m <= 32:
         return [tm.GemmTile(n, k, 4, s) for n, k, s in product((32, 64, 128), (128, 256), (3, 4))]
     tiles = [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3)]
     tiles += [(256, 64, 8, 3), (256, 64, 8, 4)]
-    plain_and_tma = [tm.GemmTile(*t, tma=tma) for t, tma in product(tiles, (False, True))]
-    return plain_and_tma + [tm.GemmTile(*t, tma=True, paired=True) for t in tiles]  # paired: gate_up only
+    big = [t for t in tiles if t[2] == 8]
+    tma = [tm.GemmTile(*t, tma=True, paired=paired) for t, paired in product(big, (False, True))]  # paired: gate_up
+    persistent = [replace(t, persistent=True) for t in tma]
+    if tma_only:
+        return tma + persistent
+    return [tm.GemmTile(*t) for t in tiles] + [tm.GemmTile(*t, tma=True) for t in tiles if t[2] == 4] + tma + persistent
 
 
 def sweep(args) -> None:
@@ -130,7 +136,7 @@ def sweep(args) -> None:
             out = torch.empty(ids.numel(), hidden, dtype=x.dtype, device=DEVICE)
             gemms = {"gate_up": (x, w13, h), "down": (h, w2, out)}
             times: dict[str, list] = {"gate_up": [], "down": []}
-            for tile, stage in product(sweep_tiles(block_m), gemms):
+            for tile, stage in product(sweep_tiles(block_m, args.tma_only), gemms):
                 if stage == "gate_up" and tile.block_n > 128:  # two accumulators that wide spill registers
                     continue
                 if stage == "down" and tile.paired:  # the same kernel as without: pairing is gate_up's
@@ -189,6 +195,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="time tile configs per shape, print the best")
     parser.add_argument("--block-m", nargs="+", type=int, default=None, help="sweep only these BLOCK_M")
+    parser.add_argument("--tma-only", action="store_true", help="sweep only the 8-warp TMA tiles (prefill shapes)")
     parser.add_argument("--skip-check", action="store_true", help="skip comparing outputs first")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--tokens", nargs="+", type=int, choices=TOKENS, default=list(TOKENS))
