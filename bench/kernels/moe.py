@@ -184,6 +184,14 @@ def stages(inputs, config: tm.MoeConfig) -> dict:
     )
 
 
+def parse_config(text: str) -> tm.MoeConfig:
+    """A MoeConfig as its repr prints (what `--sweep` reports as best), e.g. for a before/after in one run."""
+    config = eval(text, {"__builtins__": {}}, {"MoeConfig": tm.MoeConfig, "GemmTile": tm.GemmTile})
+    if not isinstance(config, tm.MoeConfig):
+        raise argparse.ArgumentTypeError(f"not a MoeConfig: {text!r}")
+    return config
+
+
 def device_tag(name: str) -> str:
     for tag in ("h200", "h100", "a100", "l40s"):
         if tag in name.lower():
@@ -199,6 +207,12 @@ def main() -> None:
     parser.add_argument("--skip-check", action="store_true", help="skip comparing outputs first")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--tokens", nargs="+", type=int, choices=TOKENS, default=list(TOKENS))
+    parser.add_argument(
+        "--config",
+        type=parse_config,
+        default=None,
+        help="time this MoeConfig (as the sweep prints it), not the table's",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -215,10 +229,10 @@ def main() -> None:
         inputs = make_inputs(model, num_tokens)
         ids = inputs[-1]
         num_experts, top_k, hidden, inter = MODELS[model]
-        ours = bench_us(partial(tm.fused_moe, *inputs))
+        config = args.config or tm.pick_config(num_tokens, hidden, inter, num_experts, top_k)
+        ours = bench_us(partial(tm.fused_moe, *inputs, config))
         grouped = bench_us(partial(grouped_mm_moe, *inputs))
         loop = bench_us(partial(moe.fused_moe, *inputs))
-        config = tm.pick_config(num_tokens, hidden, inter, num_experts, top_k)
         rows.append(
             dict(
                 model=model, tokens=num_tokens, experts=num_experts, top_k=top_k, hidden=hidden, intermediate=inter,
