@@ -341,13 +341,14 @@ def _place_pairs(
         first_tile = tile_ends - tiles
         total_tiles, total_rows = tl.sum(tiles, 0), tl.sum(padded, 0)
         tl.store(tile_count_ptr, total_tiles)
-        for t0 in range(0, num_tiles + 1, BLOCK_T):
+        tl.store(tile_starts_ptr + num_tiles, total_rows)
+        for t0 in range(0, num_tiles, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             expert = tl.sum(((tile_ends[None, :] <= t[:, None]) & e_ok[None, :]).to(tl.int32), 1)
             mine = e_offs[None, :] == expert[:, None]  # gathers starts[expert], first_tile[expert]
             row = tl.sum(tl.where(mine, starts[None, :] + (t[:, None] - first_tile[None, :]) * BLOCK_M, 0), 1)
             tl.store(tile_experts_ptr + t, expert, mask=t < num_tiles)
-            tl.store(tile_starts_ptr + t, tl.where(t < total_tiles, row, total_rows), mask=t <= num_tiles)
+            tl.store(tile_starts_ptr + t, tl.where(t < total_tiles, row, total_rows), mask=t < num_tiles)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < num_pairs
     experts = tl.load(ids_ptr + offs, mask=ok, other=0).to(tl.int32)
