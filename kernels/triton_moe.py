@@ -97,7 +97,9 @@ class MoeConfig:
 #    brought by TMA; down is 256 columns wide. On an H100 (2026-12-07 sweeps, each pair from one run):
 #    Mixtral-8x7B at 4096 tokens (1024 rows per expert) down 1,410 us against 1,651 for the best 128-wide
 #    tile; Qwen3-30B at 4096 tokens (256 rows per expert) down 258 against 276, gate_up 457 with TMA
-#    against 478 without (Mixtral's gate_up: no clear difference either way).
+#    against 478 without (Mixtral's gate_up: no clear difference either way). Short tiles end each expert's
+#    group at half height: at 256 +- 16 rows per expert the padded rows drop from ~21% to ~12% (counted, not
+#    yet timed on a GPU; the full tiles' code is unchanged).
 # The gate_up GEMM keeps two accumulators (gate and up), so its BLOCK_N counts half the columns it computes.
 # `python bench/kernels/moe.py --sweep` times the alternatives per shape on the GPU.
 _TABLE: list[tuple[float, MoeConfig]] = [
