@@ -10,7 +10,7 @@ E=4, top-2 of T=5 tokens, BLOCK_M=4 (pair = t*2 + j, "-" is padding, 10 = T*k):
 
 With short tiles (`MoeConfig.short_tiles`), groups are padded to BLOCK_M / 2 only and a group's last tile may
 be that short; its programs run a half-height tile. At 256 +- 16 rows per expert (Qwen3-30B-A3B at 4096
-tokens) that cuts the padded rows from ~21% of the rows to ~12%:
+tokens, bench/kernels/moe.py's routing) that cuts the padded rows from 17% of the rows to 9%:
 
     e0: 250 rows -> [128 | 128]          e1: 262 rows -> [128 | 128 | 64]   (not [128 | 128 | 128])
 
@@ -94,12 +94,14 @@ class MoeConfig:
 #  - middle (<= 64): still memory-bound (Qwen3-30B at 256 tokens: 16 rows per expert, 1.2 GB of weights).
 #    BLOCK_M a little above the mean keeps most experts in one or two tiles, read once.
 #  - prefill (more): compute-bound. 128-row tiles with 8 warps feed the tensor cores, their operands
-#    brought by TMA; down is 256 columns wide. On an H100 (2026-12-07 sweeps, each pair from one run):
-#    Mixtral-8x7B at 4096 tokens (1024 rows per expert) down 1,410 us against 1,651 for the best 128-wide
-#    tile; Qwen3-30B at 4096 tokens (256 rows per expert) down 258 against 276, gate_up 457 with TMA
-#    against 478 without (Mixtral's gate_up: no clear difference either way). Short tiles end each expert's
-#    group at half height: at 256 +- 16 rows per expert the padded rows drop from ~21% to ~12% (counted, not
-#    yet timed on a GPU; the full tiles' code is unchanged).
+#    brought by TMA; down is 256 columns wide, gate_up's gate and up slabs paired in one 256-wide dot, and
+#    both persistent. On an H100 (2026-12-07 sweeps, each pair from one run): Mixtral-8x7B at 4096 tokens
+#    (1024 rows per expert) down 1,410 us against 1,651 for the best 128-wide tile; Qwen3-30B at 4096
+#    tokens (256 rows per expert) down 258 against 276. On an H200 (one sweep, Qwen3-30B at 4096 tokens):
+#    gate_up paired and persistent 350 us, paired 406, two 128-wide dots 405 (with short tiles); down
+#    persistent 224 against 230. Short tiles (half-height group ends: 17% -> 9% padded rows there) help
+#    the plain grid (gate_up 377 against 406) but keep the persistent loop from being flattened (395), so
+#    they are off: 669 us in all against 702 with them.
 # The gate_up GEMM keeps two accumulators (gate and up), so its BLOCK_N counts half the columns it computes.
 # `python bench/kernels/moe.py --sweep` times the alternatives per shape on the GPU.
 _TABLE: list[tuple[float, MoeConfig]] = [
@@ -108,7 +110,7 @@ _TABLE: list[tuple[float, MoeConfig]] = [
     (64, MoeConfig(64, GemmTile(128, 64, 8, 4, tma=True), GemmTile(128, 64, 8, 3, tma=True))),
     (
         float("inf"),
-        MoeConfig(128, GemmTile(128, 64, 8, 4, tma=True), GemmTile(256, 64, 8, 4, tma=True), short_tiles=True),
+        MoeConfig(128, GemmTile(128, 64, 8, 4, True, True, True), GemmTile(256, 64, 8, 3, True, persistent=True)),
     ),
 ]
 
