@@ -60,9 +60,7 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, granule: int |
     GEMM runs it as a half-height tile) instead of a third full tile that is almost all padding.
     Every op is sync-free (a CUDA graph can capture it); lengths come from `max_tiles`.
     """
-    granule = granule or block_m
-    if block_m % granule:
-        raise ValueError(f"granule {granule} must divide block_m {block_m}")
+    granule = tile_granule(block_m, granule)
     flat = topk_ids.flatten().long()
     num_pairs, device = flat.numel(), flat.device
     num_tiles = max_tiles(num_pairs, num_experts, block_m)
@@ -82,6 +80,14 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, granule: int |
     first_row = (ends - padded)[e] + (t - (tile_ends - tiles_per_expert)[e]) * block_m
     starts = torch.where(t < tile_ends[-1], first_row, ends[-1])
     return Tiles(sorted_ids, tile_experts[:-1].to(torch.int32), starts.to(torch.int32), tile_ends[-1:].to(torch.int32))
+
+
+def tile_granule(block_m: int, granule: int | None) -> int:
+    """The multiple of rows each expert's group is padded to: `granule` (it must divide block_m), or block_m."""
+    granule = granule or block_m
+    if block_m % granule:
+        raise ValueError(f"granule {granule} must divide block_m {block_m}")
+    return granule
 
 
 def max_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from miniengine.kernels.moe import Tiles, max_tiles
+from miniengine.kernels.moe import Tiles, max_tiles, tile_granule
 from miniengine.kernels.triton_fused_ops import is_hopper_or_later, pdl_options, wait_for_inputs
 
 # triton 3.9's interpreter returns wrong results for tl.dot on bf16 operands (fp16 and fp32 are right), so
@@ -380,9 +380,7 @@ def triton_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, granule
     Same outputs, except that within one expert's group the pairs come in the order the atomics hand out
     slots (any order gives the same results: each row of a GEMM is computed on its own).
     """
-    granule = granule or block_m
-    if block_m % granule:
-        raise ValueError(f"granule {granule} must divide block_m {block_m}")
+    granule = tile_granule(block_m, granule)
     device = topk_ids.device
     ids = topk_ids.flatten()
     num_pairs = ids.numel()
