@@ -101,7 +101,12 @@ class MoeConfig:
 #    gate_up paired and persistent 350 us, paired 406, two 128-wide dots 405 (with short tiles); down
 #    persistent 224 against 230. Short tiles (half-height group ends: 17% -> 9% padded rows there) help
 #    the plain grid (gate_up 377 against 406) but keep the persistent loop from being flattened (395), so
-#    they are off: 669 us in all against 702 with them.
+#    they are off: 669 us in all against 702 with them. An H100 sweep of the same shape put short tiles with
+#    plain paired gate_up first (742 us against 764 for this row, within the sweeps' run-to-run spread), and
+#    64-row tiles (9% padding, no branch) last: 991 us, the 64-row wgmma feeding the tensor cores too slowly.
+#    Short tiles walked as a second item list after the full ones would keep the loop flattened, but their
+#    experts' weight slabs have left L2 by then: reading them again (~400 MB for gate_up) costs more than the
+#    padding they save.
 # The gate_up GEMM keeps two accumulators (gate and up), so its BLOCK_N counts half the columns it computes.
 # `python bench/kernels/moe.py --sweep` times the alternatives per shape on the GPU.
 _TABLE: list[tuple[float, MoeConfig]] = [
