@@ -49,6 +49,24 @@ def bench_us(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
 
 
+def graph_us(fn) -> float | None:
+    """`bench_us` of `fn` captured in a CUDA graph and replayed: the device time without the host's launch
+    overhead (how the engine's decode step runs a MoE layer). None if `fn` cannot be captured."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # compiles and allocates outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as error:
+        print(f"not captured in a CUDA graph: {error}")
+        return None
+    return bench_us(graph.replay)
+
+
 def grouped_mm_moe(x, w13, w2, topk_weights, topk_ids):
     """The same computation through torch._grouped_mm: sort pairs by expert, two grouped GEMMs, un-sort, sum."""
     num_tokens, top_k = topk_ids.shape
@@ -104,12 +122,13 @@ def sweep_tiles(block_m: int, tma_only: bool = False) -> list:
     """Candidates: deep K chunks and narrow columns for the memory-bound small tiles; for the compute-bound
     large ones, wgmma-sized tiles with and without TMA loads, gate_up's gate and up slabs paired in one box
     and one dot (gate_up's BLOCK_N counts half its columns), and persistent programs (one per SM).
-    `tma_only`: just the 8-warp TMA tiles (the prefill shapes' fastest, a quicker sweep)."""
+    `tma_only`: just the wide TMA tiles (the prefill shapes' fastest, a quicker sweep)."""
     if block_m <= 32:
         return [tm.GemmTile(n, k, 4, s) for n, k, s in product((32, 64, 128), (128, 256), (3, 4))]
     tiles = [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3)]
-    tiles += [(256, 64, 8, 3), (256, 64, 8, 4)]
-    big = [t for t in tiles if t[2] == 8]
+    tiles += [(256, 64, 8, 3), (256, 64, 8, 4), (256, 128, 8, 2)]
+    # 8 warps: two warpgroups, one wgmma each; 64-row tiles also one warpgroup with the whole width
+    big = [t for t in tiles if t[2] == 8 or (block_m <= 64 and t[0] >= 128)]
     tma = [tm.GemmTile(*t, tma=True, paired=paired) for t, paired in product(big, (False, True))]  # paired: gate_up
     persistent = [replace(t, persistent=True) for t in tma]
     if tma_only:
@@ -203,7 +222,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="time tile configs per shape, print the best")
     parser.add_argument("--block-m", nargs="+", type=int, default=None, help="sweep only these BLOCK_M")
-    parser.add_argument("--tma-only", action="store_true", help="sweep only the 8-warp TMA tiles (prefill shapes)")
+    parser.add_argument("--tma-only", action="store_true", help="sweep only the wide TMA tiles (prefill shapes)")
     parser.add_argument("--skip-check", action="store_true", help="skip comparing outputs first")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--tokens", nargs="+", type=int, choices=TOKENS, default=list(TOKENS))
@@ -233,11 +252,16 @@ def main() -> None:
         ours = bench_us(partial(tm.fused_moe, *inputs, config))
         grouped = bench_us(partial(grouped_mm_moe, *inputs))
         loop = bench_us(partial(moe.fused_moe, *inputs))
+        ours_graph, grouped_graph = (
+            graph_us(partial(tm.fused_moe, *inputs, config)),
+            graph_us(partial(grouped_mm_moe, *inputs)),
+        )
         rows.append(
             dict(
                 model=model, tokens=num_tokens, experts=num_experts, top_k=top_k, hidden=hidden, intermediate=inter,
                 experts_hit=ids.unique().numel(), ours_us=ours, grouped_mm_us=grouped, loop_us=loop,
-                speedup_vs_grouped_mm=grouped / ours, config=repr(config), stages=stages(inputs, config),
+                speedup_vs_grouped_mm=grouped / ours, ours_graph_us=ours_graph, grouped_mm_graph_us=grouped_graph,
+                config=repr(config), stages=stages(inputs, config),
             )
         )  # fmt: skip
     # Measured again after the timings: a floor uses the best rate reached.
@@ -247,6 +271,9 @@ def main() -> None:
         row["floor_us"], row["floor_bound"] = floor_us(row, bandwidth, rate)
         row["ratio_to_floor"] = row["floor_us"] / row["ours_us"]
         row["grouped_mm_ratio_to_floor"] = row["floor_us"] / row["grouped_mm_us"]
+        if row["ours_graph_us"] and row["grouped_mm_graph_us"]:
+            row["graph_ratio_to_floor"] = row["floor_us"] / row["ours_graph_us"]
+            row["graph_speedup_vs_grouped_mm"] = row["grouped_mm_graph_us"] / row["ours_graph_us"]
 
     name = torch.cuda.get_device_name(device)
     print(f"\n{name}: copy bandwidth {bandwidth / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s")
@@ -258,6 +285,14 @@ def main() -> None:
             f"{r['ours_us']:8.1f} {r['grouped_mm_us']:9.1f} {r['loop_us']:9.1f} {r['ratio_to_floor']:10.2f} "
             f"{r['grouped_mm_ratio_to_floor']:9.2f} {r['speedup_vs_grouped_mm']:8.2f}"
         )
+    print("\nreplayed in a CUDA graph (no host launch overhead; the engine's decode step runs MoE layers so)")
+    for r in rows:
+        if "graph_ratio_to_floor" in r:
+            print(
+                f"{r['model']:14} {r['tokens']:5} ours {r['ours_graph_us']:8.1f} us, grouped_mm "
+                f"{r['grouped_mm_graph_us']:8.1f} us, ours/floor {r['graph_ratio_to_floor']:.2f}, "
+                f"speedup {r['graph_speedup_vs_grouped_mm']:.2f}"
+            )
     print("\nwhere the time goes (each stage alone, us; padding: share of GEMM rows that are tile padding)")
     for r in rows:
         print(f"{r['model']:14} {r['tokens']:5} " + " ".join(f"{k} {v:.3g}" for k, v in r["stages"].items()))
@@ -274,7 +309,8 @@ def main() -> None:
             "floor": "max(bytes of the experts hit / bandwidth, 2*T*k*3*H*I / matmul rate)",
             "ratio_to_floor": "floor time / measured time (1.0 is the hardware limit)",
         },
-        "timing": "triton.testing.do_bench median, L2 flushed before each run; ours includes the align step",
+        "timing": "triton.testing.do_bench median, L2 flushed before each run; ours includes the align step; "
+        "*_graph_us: the same, one call captured in a CUDA graph and replayed (no host launch overhead)",
         "rows": rows,
     }
     out = args.out or RESULTS / f"moe-{device_tag(name)}-{result['date']}.json"
